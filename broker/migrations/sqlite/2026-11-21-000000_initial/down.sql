@@ -1,0 +1,3 @@
+DROP TABLE operations;
+DROP TABLE bindings;
+DROP TABLE instances;
