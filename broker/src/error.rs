@@ -143,10 +143,12 @@ impl Error {
     }
 }
 
-/// An OSB error response: a status, an optional spec error code and a description.
+/// An OSB error response: a status, an error code and a description.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
+    /// The spec's code (`AsyncRequired`, ...) where it has one; otherwise the body's
+    /// `error` is the status's name (see [`ApiError::code`]).
     code: Option<&'static str>,
     description: String,
     /// Boxed: an error answer stays small on every handler's return path.
@@ -157,8 +159,7 @@ pub struct ApiError {
 
 #[derive(Serialize)]
 struct ErrorBody<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
+    error: &'a str,
     description: &'a str,
 }
 
@@ -296,6 +297,26 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The body's `error`: the spec's code, or the status's name in the spec's camel case,
+    /// so that every error body has both `error` and `description`.
+    fn code(&self) -> &'static str {
+        if let Some(code) = self.code {
+            return code;
+        }
+        match self.status {
+            StatusCode::BAD_REQUEST => "BadRequest",
+            StatusCode::UNAUTHORIZED => "Unauthorized",
+            StatusCode::NOT_FOUND => "NotFound",
+            StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+            StatusCode::CONFLICT => "Conflict",
+            StatusCode::PRECONDITION_FAILED => "PreconditionFailed",
+            StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLarge",
+            StatusCode::UNPROCESSABLE_ENTITY => "UnprocessableEntity",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
+            _ => "InternalError",
+        }
+    }
 }
 
 impl From<Error> for ApiError {
@@ -353,7 +374,7 @@ impl ResponseError for ApiError {
         } else {
             tracing::info!(
                 status = self.status.as_u16(),
-                error = self.code,
+                error = self.code(),
                 description = %self.description,
                 "Request refused."
             );
@@ -363,7 +384,7 @@ impl ResponseError for ApiError {
             response.insert_header(("WWW-Authenticate", "Basic realm=\"phoenix\""));
         }
         response.json(ErrorBody {
-            error: self.code,
+            error: self.code(),
             description: &self.description,
         })
     }
@@ -394,6 +415,21 @@ mod tests {
         assert_eq!(body["error"], "MaintenanceInfoConflict");
     }
 
+    #[actix_web::test]
+    async fn errors_without_a_spec_code_name_their_status() {
+        let body = body_of(ApiError::bad_request("no plan_id")).await;
+        assert_eq!(body["error"], "BadRequest");
+        assert_eq!(body["description"], "no plan_id");
+        assert_eq!(
+            body_of(ApiError::unauthorized()).await["error"],
+            "Unauthorized"
+        );
+        assert_eq!(
+            body_of(ApiError::unprocessable("x")).await["error"],
+            "UnprocessableEntity"
+        );
+    }
+
     #[test]
     fn refused_arguments_and_broken_state_are_permanent_and_timeouts_are_not() {
         assert!(Error::Adapters(phoenix_adapters::Error::Invalid("x".into())).is_permanent());
@@ -410,7 +446,7 @@ mod tests {
         let error = ApiError::from(Error::Inconsistent("row 42 of secret_table".into()));
         assert_eq!(error.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let body = body_of(error).await;
-        assert!(body.get("error").is_none());
+        assert_eq!(body["error"], "InternalError");
         assert!(
             !body["description"]
                 .as_str()

@@ -48,8 +48,8 @@ impl Reply {
         self
     }
 
-    /// Asserts an OSB error: this status, a JSON body with a non-empty `description`, and
-    /// the given `error` code when there is one.
+    /// Asserts an OSB error: this status, a JSON body with a non-empty `error` and
+    /// `description`, and the given `error` code when there is one.
     #[track_caller]
     pub fn expect_error(&self, status: u16, error: Option<&str>) -> &Self {
         self.expect(status);
@@ -82,13 +82,11 @@ impl Reply {
             "error body needs a non-empty description: {}",
             self.text
         );
-        if let Some(code) = self.body.get("error") {
-            assert!(
-                code.as_str().is_some_and(|c| !c.is_empty()),
-                "`error` must be a non-empty string: {}",
-                self.text
-            );
-        }
+        assert!(
+            self.body["error"].as_str().is_some_and(|c| !c.is_empty()),
+            "error body needs a non-empty `error`: {}",
+            self.text
+        );
         if let Some(expected) = error {
             assert_eq!(
                 self.body["error"].as_str(),

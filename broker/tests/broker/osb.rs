@@ -314,6 +314,16 @@ async fn lifecycle(backend: Backend) {
         send(broker.osb(Method::GET, &format!("{instance}/service_bindings/bind-1"))).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // Synchronous unbind of the second: 200 {} once the role is gone, then 410.
+    let unbind = format!("{instance}/service_bindings/bind-2?service_id={SERVICE}&plan_id={SMALL}");
+    let (status, body) = send(broker.osb(Method::DELETE, &unbind)).await;
+    assert_eq!((status, &body), (StatusCode::OK, &json!({})));
+    let (status, _) =
+        send(broker.osb(Method::GET, &format!("{instance}/service_bindings/bind-2"))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = send(broker.osb(Method::DELETE, &unbind)).await;
+    assert_eq!(status, StatusCode::GONE, "{body}");
+
     // Plan change; the platform polls with the old plan.
     let (status, body) = send(
         broker
