@@ -25,6 +25,8 @@ CREATE TABLE backups (
     finished_at BIGINT
 );
 CREATE INDEX backups_instance ON backups (instance_id, created_at);
+-- An operation finds its backup, or its restore, by operation_id.
+CREATE INDEX backups_operation ON backups (operation_id);
 
 CREATE TABLE restores (
     id TEXT PRIMARY KEY NOT NULL,
@@ -41,6 +43,7 @@ CREATE TABLE restores (
     finished_at BIGINT
 );
 CREATE INDEX restores_instance ON restores (instance_id, created_at);
+CREATE INDEX restores_operation ON restores (operation_id);
 
 -- The schedule and retention of an instance; next_run_at is when the scheduler next
 -- starts a backup (NULL: no schedule). It survives the instance, for the retention of
