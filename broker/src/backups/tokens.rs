@@ -1,13 +1,14 @@
 //! Backup API tokens of service keys created with `backup_access`.
 //!
-//! A token is derived, never stored: an HMAC under the master key of the binding's ID and
-//! its sealed password, which is random per creation. So the same binding always shows
+//! A token is derived, never stored: an HMAC of the binding's ID and its sealed password,
+//! which is random per creation, under a key derived from the master key for this use
+//! only (HKDF), so the master key itself never keys two primitives. So the same binding always shows
 //! the same token (a fetch of the service key gives it again), a binding created anew
 //! under the same ID gets another one, and the state store keeps only the token's
 //! SHA-256 to look it up: a copy of the store opens nothing.
 
 use aws_lc_rs::digest::{SHA256, digest};
-use aws_lc_rs::hmac;
+use aws_lc_rs::{hkdf, hmac};
 use phoenix_adapters::keys::MasterKey;
 
 /// Prefix of every token: recognisable in a leaked-secret scan.
@@ -20,9 +21,13 @@ pub fn wants_backup_access(parameters: &serde_json::Value) -> bool {
 
 /// The token of a binding.
 pub fn token(master: &MasterKey, binding_id: &str, password_sealed: &[u8]) -> String {
-    let key = hmac::Key::new(hmac::HMAC_SHA256, master.key().expose_bytes());
+    let key = hmac::Key::from(
+        hkdf::Salt::new(hkdf::HKDF_SHA256, &[])
+            .extract(master.key().expose_bytes())
+            .expand(&[b"phoenix/backup-token/v2"], hmac::HMAC_SHA256)
+            .expect("an HMAC-SHA256 key is within what HKDF-SHA256 can expand"),
+    );
     let mut context = hmac::Context::with_key(&key);
-    context.update(b"phoenix/backup-token/v1\0");
     context.update(binding_id.as_bytes());
     context.update(b"\0");
     context.update(password_sealed);
