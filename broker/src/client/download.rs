@@ -2,8 +2,8 @@
 //! its byte count and SHA-256 checked against what the broker announced.
 //!
 //! A file is written as `FILE.partial` and renamed to `FILE` only after every check
-//! passed, so `FILE` is never an incomplete or altered backup; on any failure the
-//! partial file is removed. On stdout the checks still run, and a failure is reported
+//! passed, so `FILE` is never an incomplete or altered backup; on any failure, Ctrl-C
+//! included, the partial file is removed. On stdout the checks still run, and a failure is reported
 //! after the bytes went out: the exit status is then the only signal, as with
 //! `phoenix decrypt`.
 
@@ -87,16 +87,18 @@ pub fn partial_path(path: &Path) -> PathBuf {
 }
 
 /// Writes `body` to `path` through `path.partial`, renamed only once it is complete and
-/// checked (and synced to disk); the partial file is removed on any failure.
+/// checked (and synced to disk); the partial file is removed on any failure, and when the
+/// user interrupts the download with Ctrl-C (SIGINT).
 ///
 /// # Errors
-/// As [`copy_checked`]; [`Error::Io`] when the file cannot be created, synced or renamed.
+/// As [`copy_checked`]; [`Error::Io`] when the file cannot be created, synced or renamed;
+/// [`Error::Download`] when interrupted.
 pub async fn to_file<S>(body: S, expected: &Expected, path: &Path, bar: &Bar) -> Result<(), Error>
 where
     S: Stream<Item = Result<Bytes, Error>>,
 {
     let partial = partial_path(path);
-    let written = async {
+    let write = async {
         let mut file = tokio::fs::File::create(&partial)
             .await
             .map_err(|e| Error::io(format!("creating {}", partial.display()), e))?;
@@ -104,8 +106,13 @@ where
         file.sync_all()
             .await
             .map_err(|e| Error::io(format!("syncing {}", partial.display()), e))
-    }
-    .await;
+    };
+    let written = tokio::select! {
+        written = write => written,
+        _ = tokio::signal::ctrl_c() => Err(Error::Download(
+            "interrupted; the partial download was removed".to_owned(),
+        )),
+    };
     if let Err(error) = written {
         // Removing is best effort: the failure that matters is the one being returned.
         let _ = tokio::fs::remove_file(&partial).await;
@@ -220,6 +227,33 @@ mod tests {
         assert!(matches!(error, Error::Unreachable { .. }), "{error}");
         assert_eq!(std::fs::read(&path).unwrap(), b"an earlier download");
         assert!(!partial_path(&path).exists());
+    }
+
+    #[tokio::test]
+    async fn ctrl_c_during_a_download_removes_the_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backup.bin");
+        let data = payload();
+        // The first chunk arrives, then the connection stalls.
+        let stalled = body(&data[..50_000]).chain(futures::stream::pending());
+        let expected = expected_for(&data);
+        let download = {
+            let path = path.clone();
+            tokio::spawn(async move { to_file(stalled, &expected, &path, &hidden()).await })
+        };
+        let partial = partial_path(&path);
+        while std::fs::metadata(&partial).map_or(true, |m| m.len() < 50_000) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // The handler is registered by the download's first poll, before the file existed.
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGINT).unwrap();
+        let error = download.await.unwrap().unwrap_err();
+        assert!(
+            matches!(error, Error::Download(ref m) if m.contains("interrupted")),
+            "{error}"
+        );
+        assert!(!path.exists());
+        assert!(!partial.exists());
     }
 
     #[tokio::test]
