@@ -383,6 +383,14 @@ fn seed_of(
                 request.instance_id
             )));
         }
+        // A fork of a snapshot plan's instance is a snapshot of its volume.
+        let by_snapshot = state
+            .catalog
+            .plan(&source.plan_id)
+            .is_some_and(|(_, plan)| {
+                matches!(plan.backup_strategy, BackupStrategy::Snapshot { .. })
+            });
+        check_copy_version(&source.engine_version, instance, by_snapshot)?;
         return Ok(Some(Seed::Fork {
             instance_id: source.id,
         }));
@@ -403,10 +411,41 @@ fn seed_of(
             ))
         })?,
     };
+    check_copy_version(
+        backup
+            .engine_version
+            .as_deref()
+            .unwrap_or(&source.engine_version),
+        instance,
+        backup.strategy.as_deref() == Some("snapshot"),
+    )?;
     Ok(Some(Seed::Clone {
         instance_id: source.id,
         backup_id: backup.id,
     }))
+}
+
+/// Refuses now a copy its operation could never make: a snapshot is a data directory
+/// that only its own major version opens, and pg_restore loads the dump of its own or an
+/// older server, never of a newer one. Versions that are not numbers are left to the
+/// operation.
+fn check_copy_version(source: &str, target: &Instance, by_snapshot: bool) -> Result<(), ApiError> {
+    let major = |version: &str| version.split('.').next()?.parse::<u32>().ok();
+    let (Some(from), Some(to)) = (major(source), major(&target.engine_version)) else {
+        return Ok(());
+    };
+    if (by_snapshot && from != to) || from > to {
+        let kind = if by_snapshot { "a snapshot" } else { "a dump" };
+        return Err(ApiError::unprocessable(format!(
+            "The source holds {kind} of {} {source}, which this plan's {} {} cannot open; \
+             choose a plan of the same version{}.",
+            target.engine,
+            target.engine,
+            target.engine_version,
+            if by_snapshot { "" } else { " or a newer one" }
+        )));
+    }
+    Ok(())
 }
 
 /// `GET /v2/service_instances/{instance_id}`

@@ -474,6 +474,55 @@ async fn a_plan_change_to_another_engine_version_is_refused() {
 }
 
 #[actix_web::test]
+async fn a_copy_of_a_newer_engine_version_is_refused_at_once() {
+    use phoenix_broker::store::backups::{self, Backup, state as backup_state};
+
+    let broker = TestBroker::spawn(Backend::Sqlite).await;
+    // A source from when the small plan ran PostgreSQL 16, and a backup of it.
+    insert_provisioned(&broker, "newer-1", SMALL, "16").await;
+    let mut backup = Backup::new("newer-1", "op-of-newer-1", "manual");
+    backup.state = backup_state::SUCCEEDED.into();
+    backup.strategy = Some("stream".into());
+    backup.engine = Some("postgresql".into());
+    backup.engine_version = Some("16".into());
+    let backup_id = backup.id.clone();
+    broker
+        .store
+        .run(move |conn| Ok(backups::insert(conn, &backup)?))
+        .await
+        .unwrap();
+    for (target, seed) in [
+        (
+            "copy-1",
+            json!({"clone_from": {"instance_id": "newer-1", "backup_id": backup_id}}),
+        ),
+        ("copy-2", json!({"fork_from": {"instance_id": "newer-1"}})),
+    ] {
+        let mut body = provision_body(SMALL);
+        body["parameters"] = seed;
+        let (status, reply) = send(
+            broker
+                .osb(
+                    Method::PUT,
+                    &format!("/v2/service_instances/{target}?accepts_incomplete=true"),
+                )
+                .json(&body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+        assert!(
+            reply["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("postgresql 16") && d.contains("postgresql 15")),
+            "{reply}"
+        );
+        let (status, _) =
+            send(broker.osb(Method::GET, &format!("/v2/service_instances/{target}"))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{target} was not created");
+    }
+}
+
+#[actix_web::test]
 async fn a_repeat_of_a_running_provision_still_requires_accepts_incomplete() {
     use phoenix_broker::store::instances::state as instance_state;
     use phoenix_broker::store::now_ms;
