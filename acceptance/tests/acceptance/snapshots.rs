@@ -2,7 +2,8 @@
 //! subvolume snapshot of the instance's volume when the broker's data dir is on btrfs
 //! (the testbed's loop-mounted one, `PHOENIX_TEST_BTRFS_DIR`), through the same Backup
 //! API as stream plans; restores in place, clones and forks work from those snapshots;
-//! and on a data dir that is not btrfs the plan is refused at provision time. Data is
+//! and on a data dir that is not btrfs the plan is refused at provision time. A catalog
+//! whose snapshot plan ships restores and clones from backup storage alone. Data is
 //! compared by the dataset's fingerprint (`dataset.rs`). Durations are printed, never
 //! asserted: that a snapshot copies no data is read from the file system's extents.
 
@@ -18,7 +19,7 @@ use crate::data::connect;
 use crate::dataset::{
     STANDARD_BYTES, assert_same_data, change_one_byte, connect_eventually, fingerprint_of,
 };
-use crate::harness::{Broker, is_btrfs, is_subvolume};
+use crate::harness::{Broker, BrokerConfig, is_btrfs, is_subvolume};
 use crate::osb::{new_id, provision_body, update_body};
 
 /// The default catalog's snapshot plan.
@@ -423,5 +424,82 @@ async fn snapshots_deleting_a_snapshot_backup_removes_its_snapshot_and_only_that
         &kept_fingerprint,
         &fingerprint_of(&source.credentials).await,
         "a restore of the backup that was kept",
+    );
+}
+
+/// The default catalog, with `small-snapshot` shipping its snapshots to backup storage.
+fn catalog_with_shipped_snapshots() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../catalog/catalog.yaml");
+    let catalog = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let kept = "backup_strategy: {type: snapshot, shipped: false}";
+    assert!(
+        catalog.contains(kept),
+        "{} no longer says `{kept}`",
+        path.display()
+    );
+    catalog.replace(kept, "backup_strategy: {type: snapshot, shipped: true}")
+}
+
+#[tokio::test]
+async fn snapshots_shipped_to_storage_restore_and_clone_after_the_host_lost_them() {
+    let mut broker = Broker::prepare(BrokerConfig {
+        on_btrfs: true,
+        ..BrokerConfig::default()
+    })
+    .await
+    .expect("preparing a broker");
+    let catalog_file = broker.data_dir().with_file_name("catalog.yaml");
+    std::fs::write(&catalog_file, catalog_with_shipped_snapshots()).expect("writing the catalog");
+    broker.set_env(
+        "PHOENIX_CATALOG",
+        catalog_file.to_str().expect("a UTF-8 path"),
+    );
+    broker.spawn_and_wait().await.expect("starting the broker");
+    let osb = broker.osb();
+    let catalog = osb.catalog().await;
+    let plan = catalog.plan(SNAPSHOT_PLAN);
+    let source = filled_instance_of(&osb, &catalog, &plan, STANDARD_BYTES).await;
+    let api = BackupApi::platform(&broker, &source.instance);
+    let backup = api.take_backup().await;
+    let backup_id = backup_id(&backup);
+    assert_eq!(backup["strategy"], json!("snapshot"), "{backup}");
+    assert_eq!(backup["format"], json!("btrfs-send"), "{backup}");
+    assert!(
+        backup["stored_bytes"].as_u64().is_some_and(|n| n > 0),
+        "a shipped snapshot is in backup storage: {backup}"
+    );
+
+    // The host loses its snapshot: only the copy in backup storage is left.
+    let local = snapshot_path(&broker, &source.instance, &backup_id);
+    assert_read_only_snapshot(&local);
+    let deleted = std::process::Command::new("btrfs")
+        .args(["subvolume", "delete"])
+        .arg(&local)
+        .output()
+        .expect("running btrfs");
+    assert!(
+        deleted.status.success(),
+        "btrfs subvolume delete: {deleted:?}"
+    );
+
+    change_one_byte(&connect(&source.credentials).await).await;
+    api.restore_and_wait(&backup_id).await;
+    assert_same_data(
+        &source.fingerprint,
+        &fingerprint_of(&source.credentials).await,
+        "an in-place restore of a shipped snapshot, received from backup storage",
+    );
+    let (_, _, cloned) = copy_of_plan_and_fingerprint(
+        &osb,
+        &catalog,
+        &plan,
+        json!({ "clone_from": { "instance_id": source.instance, "backup_id": backup_id } }),
+    )
+    .await;
+    assert_same_data(
+        &source.fingerprint.as_copied(),
+        &cloned,
+        "a clone of a shipped snapshot",
     );
 }
