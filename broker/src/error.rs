@@ -15,7 +15,8 @@
 //!   status 2), [`Error::Refused`] for the broker's own error answer (its `description`
 //!   shown as is), [`Error::Unreachable`] and [`Error::Protocol`] for a broker that cannot
 //!   be reached or answers outside the contract, [`Error::Download`] for a download that
-//!   does not match its size or digest. None of them ever holds a token or password.
+//!   does not match its size or digest, [`Error::Interrupted`] for Ctrl-C (exit status
+//!   130, as a shell reports SIGINT). None of them ever holds a token or password.
 
 use std::fmt;
 
@@ -95,6 +96,10 @@ pub enum Error {
     /// A downloaded backup does not match its announced size or SHA-256.
     #[error("download failed its check: {0}")]
     Download(String),
+
+    /// The user stopped the command (Ctrl-C); what it leaves behind is said.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl Error {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use phoenix_adapters::ids::BackupId;
 use serde_json::{Value, json};
 use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::access::Access;
@@ -296,7 +297,19 @@ async fn download_backup(
     let written = if to_stdout {
         download::copy_checked(body, &expected, &mut tokio::io::stdout(), &bar).await
     } else {
-        download::to_file(body, &expected, &output, &bar).await
+        // Ctrl-C must not leave FILE.partial behind; on stdout there is nothing to clean.
+        let interrupt = CancellationToken::new();
+        let watcher = tokio::spawn({
+            let interrupt = interrupt.clone();
+            async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    interrupt.cancel();
+                }
+            }
+        });
+        let written = download::to_file(body, &expected, &output, &bar, &interrupt).await;
+        watcher.abort();
+        written
     };
     drop(bar);
     written?;

@@ -14,6 +14,7 @@ use aws_lc_rs::digest::{Context, SHA256};
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use tokio::io::{AsyncWrite, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
 
 use super::render::Bar;
 use crate::error::Error;
@@ -87,21 +88,29 @@ pub fn partial_path(path: &Path) -> PathBuf {
 }
 
 /// Writes `body` to `path` through `path.partial`, renamed only once it is complete and
-/// checked (and synced to disk); the partial file is removed on any failure, and when the
-/// user interrupts the download with Ctrl-C (SIGINT).
+/// checked (and synced to disk); the partial file is removed on any failure, and when
+/// `interrupt` is cancelled (the CLI cancels it on Ctrl-C).
 ///
 /// # Errors
 /// As [`copy_checked`]; [`Error::Io`] when the file cannot be created, synced or renamed;
-/// [`Error::Download`] when interrupted.
-pub async fn to_file<S>(body: S, expected: &Expected, path: &Path, bar: &Bar) -> Result<(), Error>
+/// [`Error::Interrupted`] when interrupted.
+pub async fn to_file<S>(
+    body: S,
+    expected: &Expected,
+    path: &Path,
+    bar: &Bar,
+    interrupt: &CancellationToken,
+) -> Result<(), Error>
 where
     S: Stream<Item = Result<Bytes, Error>>,
 {
     let partial = partial_path(path);
+    // Created before anything can stop the download, so that whatever stops it finds the
+    // file to remove (a write still in flight then lands in the unlinked file).
+    let file = std::fs::File::create(&partial)
+        .map_err(|e| Error::io(format!("creating {}", partial.display()), e))?;
     let write = async {
-        let mut file = tokio::fs::File::create(&partial)
-            .await
-            .map_err(|e| Error::io(format!("creating {}", partial.display()), e))?;
+        let mut file = tokio::fs::File::from_std(file);
         copy_checked(body, expected, &mut file, bar).await?;
         file.sync_all()
             .await
@@ -109,9 +118,10 @@ where
     };
     let written = tokio::select! {
         written = write => written,
-        _ = tokio::signal::ctrl_c() => Err(Error::Download(
-            "interrupted; the partial download was removed".to_owned(),
-        )),
+        () = interrupt.cancelled() => Err(Error::Interrupted(format!(
+            "{} was removed",
+            partial.display()
+        ))),
     };
     if let Err(error) = written {
         // Removing is best effort: the failure that matters is the one being returned.
@@ -164,9 +174,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("backup.bin");
         let data = payload();
-        to_file(body(&data), &expected_for(&data), &path, &hidden())
-            .await
-            .unwrap();
+        to_file(
+            body(&data),
+            &expected_for(&data),
+            &path,
+            &hidden(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert!(!partial_path(&path).exists());
     }
@@ -178,9 +194,15 @@ mod tests {
         let data = payload();
         let mut damaged = data.clone();
         damaged[200_000] ^= 0x01;
-        let error = to_file(body(&damaged), &expected_for(&data), &path, &hidden())
-            .await
-            .unwrap_err();
+        let error = to_file(
+            body(&damaged),
+            &expected_for(&data),
+            &path,
+            &hidden(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(error, Error::Download(ref m) if m.contains("SHA-256")),
             "{error}"
@@ -199,6 +221,7 @@ mod tests {
             &expected_for(&data),
             &path,
             &hidden(),
+            &CancellationToken::new(),
         )
         .await
         .unwrap_err();
@@ -221,37 +244,46 @@ mod tests {
                 url: "http://broker".into(),
                 reason: "connection reset".into(),
             })]));
-        let error = to_file(broken, &expected_for(&data), &path, &hidden())
-            .await
-            .unwrap_err();
+        let error = to_file(
+            broken,
+            &expected_for(&data),
+            &path,
+            &hidden(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(error, Error::Unreachable { .. }), "{error}");
         assert_eq!(std::fs::read(&path).unwrap(), b"an earlier download");
         assert!(!partial_path(&path).exists());
     }
 
     #[tokio::test]
-    async fn ctrl_c_during_a_download_removes_the_partial_file() {
+    async fn an_interrupted_download_removes_the_partial_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("backup.bin");
         let data = payload();
-        // The first chunk arrives, then the connection stalls.
+        // The first chunks arrive, then the connection stalls.
         let stalled = body(&data[..50_000]).chain(futures::stream::pending());
         let expected = expected_for(&data);
+        let interrupt = CancellationToken::new();
         let download = {
-            let path = path.clone();
-            tokio::spawn(async move { to_file(stalled, &expected, &path, &hidden()).await })
+            let (path, interrupt) = (path.clone(), interrupt.clone());
+            tokio::spawn(
+                async move { to_file(stalled, &expected, &path, &hidden(), &interrupt).await },
+            )
         };
         let partial = partial_path(&path);
-        while std::fs::metadata(&partial).map_or(true, |m| m.len() < 50_000) {
+        for _ in 0..2000 {
+            if std::fs::metadata(&partial).is_ok_and(|m| m.len() == 50_000) {
+                break;
+            }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        // The handler is registered by the download's first poll, before the file existed.
-        nix::sys::signal::raise(nix::sys::signal::Signal::SIGINT).unwrap();
+        assert_eq!(std::fs::metadata(&partial).unwrap().len(), 50_000);
+        interrupt.cancel();
         let error = download.await.unwrap().unwrap_err();
-        assert!(
-            matches!(error, Error::Download(ref m) if m.contains("interrupted")),
-            "{error}"
-        );
+        assert!(matches!(error, Error::Interrupted(_)), "{error}");
         assert!(!path.exists());
         assert!(!partial.exists());
     }

@@ -46,10 +46,10 @@ fn execute(command: impl Future<Output = Result<Outcome, Error>>) -> ExitCode {
         Ok(Outcome::Failed) => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("phoenix: {error}");
-            ExitCode::from(if matches!(error, Error::Usage(_)) {
-                2
-            } else {
-                1
+            ExitCode::from(match error {
+                Error::Usage(_) => 2,
+                Error::Interrupted(_) => 130,
+                _ => 1,
             })
         }
     }
