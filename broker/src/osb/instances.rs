@@ -390,7 +390,16 @@ fn seed_of(
             .is_some_and(|(_, plan)| {
                 matches!(plan.backup_strategy, BackupStrategy::Snapshot { .. })
             });
-        check_copy_version(&source.engine_version, instance, by_snapshot)?;
+        check_copy_version(
+            "The instance to fork",
+            &source.engine_version,
+            instance,
+            if by_snapshot {
+                CopyBy::Snapshot
+            } else {
+                CopyBy::Dump
+            },
+        )?;
         return Ok(Some(Seed::Fork {
             instance_id: source.id,
         }));
@@ -412,12 +421,17 @@ fn seed_of(
         })?,
     };
     check_copy_version(
+        "The backup",
         backup
             .engine_version
             .as_deref()
             .unwrap_or(&source.engine_version),
         instance,
-        backup.strategy.as_deref() == Some("snapshot"),
+        if backup.strategy.as_deref() == Some("snapshot") {
+            CopyBy::Snapshot
+        } else {
+            CopyBy::Dump
+        },
     )?;
     Ok(Some(Seed::Clone {
         instance_id: source.id,
@@ -425,27 +439,58 @@ fn seed_of(
     }))
 }
 
-/// Refuses now a copy its operation could never make: a snapshot is a data directory
-/// that only its own major version opens, and pg_restore loads the dump of its own or an
-/// older server, never of a newer one. Versions that are not numbers are left to the
-/// operation.
-fn check_copy_version(source: &str, target: &Instance, by_snapshot: bool) -> Result<(), ApiError> {
-    let major = |version: &str| version.split('.').next()?.parse::<u32>().ok();
-    let (Some(from), Some(to)) = (major(source), major(&target.engine_version)) else {
+/// How a copy carries its source's data to a new instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyBy {
+    /// A data directory: only its own major version opens it.
+    Snapshot,
+    /// A dump: pg_restore loads one of its own or an older server, never a newer one.
+    Dump,
+}
+
+/// Refuses now a PostgreSQL copy its operation could never make. `what` names the
+/// source for the message. Versions that are not numbers are left to the operation.
+fn check_copy_version(
+    what: &str,
+    source_version: &str,
+    target: &Instance,
+    by: CopyBy,
+) -> Result<(), ApiError> {
+    if target.engine != "postgresql" {
+        return Ok(());
+    }
+    let (Some(from), Some(to)) = (
+        postgres_major(source_version),
+        postgres_major(&target.engine_version),
+    ) else {
         return Ok(());
     };
-    if (by_snapshot && from != to) || from > to {
-        let kind = if by_snapshot { "a snapshot" } else { "a dump" };
-        return Err(ApiError::unprocessable(format!(
-            "The source holds {kind} of {} {source}, which this plan's {} {} cannot open; \
-             choose a plan of the same version{}.",
-            target.engine,
-            target.engine,
-            target.engine_version,
-            if by_snapshot { "" } else { " or a newer one" }
-        )));
+    let opens = match by {
+        CopyBy::Snapshot => from == to,
+        CopyBy::Dump => from <= to,
+    };
+    if opens {
+        return Ok(());
     }
-    Ok(())
+    let (carried, choose) = match by {
+        CopyBy::Snapshot => ("a snapshot", "the same version"),
+        CopyBy::Dump => ("a dump", "the same version or a newer one"),
+    };
+    Err(ApiError::unprocessable(format!(
+        "{what} is of postgresql {source_version}; this plan's postgresql {} cannot open {carried} \
+         of it. Choose a plan of {choose}.",
+        target.engine_version
+    )))
+}
+
+/// PostgreSQL's major version: 15 of "15.4"; before 10, the first two numbers (9.6).
+fn postgres_major(version: &str) -> Option<(u32, u32)> {
+    let mut numbers = version.split('.').map(str::parse::<u32>);
+    let first = numbers.next()?.ok()?;
+    if first >= 10 {
+        return Some((first, 0));
+    }
+    Some((first, numbers.next()?.ok()?))
 }
 
 /// `GET /v2/service_instances/{instance_id}`
@@ -856,5 +901,55 @@ mod tests {
         // A resource the schema does not offer stays as the operator set it.
         let settings = plan_settings(plan, &json!({"shared_buffers": "16GB"}));
         assert_eq!(settings["shared_buffers"], "32MB");
+    }
+
+    fn instance_of(engine_version: &str) -> Instance {
+        Instance {
+            id: "target".into(),
+            service_id: "service".into(),
+            plan_id: "plan".into(),
+            state: instance_state::PROVISIONING.into(),
+            parameters: "{}".into(),
+            context: "{}".into(),
+            organization_guid: None,
+            space_guid: None,
+            maintenance_version: None,
+            engine: "postgresql".into(),
+            engine_version: engine_version.into(),
+            settings: "{}".into(),
+            port: None,
+            host: None,
+            database_name: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_dump_goes_to_its_own_or_a_newer_major_and_a_snapshot_only_to_its_own() {
+        let fifteen = instance_of("15");
+        let check = |source: &str, target: &Instance, by| {
+            check_copy_version("The backup", source, target, by).is_ok()
+        };
+        assert!(check("15", &fifteen, CopyBy::Dump));
+        assert!(check("15.4", &fifteen, CopyBy::Dump));
+        assert!(check("14", &fifteen, CopyBy::Dump));
+        assert!(check("9.6", &fifteen, CopyBy::Dump));
+        assert!(!check("16", &fifteen, CopyBy::Dump));
+        assert!(check("15", &fifteen, CopyBy::Snapshot));
+        assert!(!check("14", &fifteen, CopyBy::Snapshot));
+        assert!(!check("16", &fifteen, CopyBy::Snapshot));
+        // Before 10, a major version is two numbers.
+        assert!(!check("9.6", &instance_of("9.5"), CopyBy::Dump));
+        assert!(!check("9.5", &instance_of("9.6"), CopyBy::Snapshot));
+        // What is not a version is left to the operation.
+        assert!(check("devel", &fifteen, CopyBy::Snapshot));
+        let refused = check_copy_version("The instance to fork", "16", &fifteen, CopyBy::Dump)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("The instance to fork is of postgresql 16"),
+            "{refused}"
+        );
     }
 }
