@@ -1,11 +1,11 @@
 //! Backup API tokens of service keys created with `backup_access`.
 //!
 //! A token is derived, never stored: an HMAC of the binding's ID and its sealed password,
-//! which is random per creation, under a key derived from the master key for this use
-//! only (HKDF), so the master key itself never keys two primitives. So the same binding always shows
-//! the same token (a fetch of the service key gives it again), a binding created anew
-//! under the same ID gets another one, and the state store keeps only the token's
-//! SHA-256 to look it up: a copy of the store opens nothing.
+//! which is random per creation. So the same binding always shows the same token (a
+//! fetch of the service key gives it again), a binding created anew under the same ID
+//! gets another one, and the state store keeps only the token's SHA-256 to look it up: a
+//! copy of the store opens nothing. The HMAC's key is derived from the master key for
+//! this use only (HKDF-SHA256), so the master key itself never keys two primitives.
 
 use aws_lc_rs::digest::{SHA256, digest};
 use aws_lc_rs::{hkdf, hmac};
@@ -66,6 +66,17 @@ mod tests {
         assert_ne!(a, token(&master(2), "b-1", b"sealed-1"));
         assert!(a.starts_with(PREFIX) && a.len() == PREFIX.len() + 64);
         assert_ne!(token_digest(&a), a);
+    }
+
+    /// Computed apart from this code (Python's hmac: HKDF-SHA256 with an empty salt and
+    /// the info "phoenix/backup-token/v2", then HMAC-SHA256 of "b-1\0sealed-1"): a change
+    /// of the derivation would silently invalidate every token given out.
+    #[test]
+    fn the_derivation_is_pinned() {
+        assert_eq!(
+            token(&master(1), "b-1", b"sealed-1"),
+            "phx_98638fb116a1790923e571973eddb166af2234b3385f0e5685695b4fe7a214a0"
+        );
     }
 
     #[test]

@@ -314,7 +314,7 @@ async fn lifecycle(backend: Backend) {
         send(broker.osb(Method::GET, &format!("{instance}/service_bindings/bind-1"))).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    // Synchronous unbind of the second: 200 {} once the role is gone, then 410.
+    // Synchronous unbind of the second: 200 {}, then 404 on fetch and 410 on a repeat.
     let unbind = format!("{instance}/service_bindings/bind-2?service_id={SERVICE}&plan_id={SMALL}");
     let (status, body) = send(broker.osb(Method::DELETE, &unbind)).await;
     assert_eq!((status, &body), (StatusCode::OK, &json!({})));
