@@ -232,6 +232,11 @@ impl Vault {
     /// A full backup of `spec` through the pipeline into the store.
     async fn back_up(&self, infra: &LocalInfrastructure, spec: &InstanceSpec) -> Manifest {
         let source = infra.backup_source(spec).await.unwrap();
+        self.back_up_from(source.as_ref(), spec).await
+    }
+
+    /// A full backup of `spec` from `source` (made by its infrastructure).
+    async fn back_up_from(&self, source: &dyn Source, spec: &InstanceSpec) -> Manifest {
         let keys = BackupKeys {
             instance: InstanceKey::generate(&self.master, &spec.id).unwrap(),
             passphrase: None,
@@ -242,7 +247,7 @@ impl Vault {
             config: PipelineConfig::default(),
         };
         let manifest = backup::run_backup(
-            source.as_ref(),
+            source,
             &request,
             &keys,
             self.store.clone(),
@@ -416,6 +421,51 @@ async fn a_clone_hands_what_source_bindings_owned_to_the_owner_and_leaves_no_pla
             .await?
             .get::<_, i64>(0),
         2
+    );
+    Ok(())
+}
+
+/// The source is made, then a new binding creates a table of its own, then the dump
+/// runs: the dump and its role list must both be of the moment the source was made. (A
+/// dump of the later moment would hold a table whose owner the list misses, and its
+/// restore would fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_and_its_role_list_are_of_the_same_moment() -> Result<()> {
+    let fixture = Fixture::new();
+    let infra = fixture.infrastructure();
+    let (source, target) = (spec("moment-source"), spec("moment-target"));
+    infra.provision(&source).await?;
+    infra.provision(&target).await?;
+    populate(&infra.create_credentials(&source, &binding("early")).await?).await?;
+    let data = fingerprint(&admin(&infra, &source).await).await;
+
+    let dump = infra.backup_source(&source).await?;
+    let late = infra.create_credentials(&source, &binding("late")).await?;
+    connect(&late)
+        .await?
+        .batch_execute(
+            "SET ROLE NONE; CREATE TABLE app.late_owned (id int); \
+             INSERT INTO app.late_owned VALUES (1)",
+        )
+        .await?;
+    let vault = Vault::new();
+    let manifest = vault.back_up_from(dump.as_ref(), &source).await;
+    assert!(
+        !manifest.source_info.details["roles"].contains(&late.username),
+        "{:?}",
+        manifest.source_info.details
+    );
+    vault.restore(&infra, &target, &manifest).await;
+
+    let cloned = admin(&infra, &target).await;
+    assert_eq!(fingerprint(&cloned).await, data);
+    let late_table: Option<String> = cloned
+        .query_one("SELECT to_regclass('app.late_owned')::text", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        late_table, None,
+        "the table made after the source is not in the dump"
     );
     Ok(())
 }

@@ -7,8 +7,10 @@
 //! which marks itself complete when `pg_restore` succeeded; completing the restore then
 //! swaps the two databases by renaming both in one transaction, and drops the old one.
 //!
-//! Objects keep their owners. A dump records the binding roles that existed when it
-//! started; a restore creates a marked, `NOLOGIN` placeholder for each of them that does
+//! Objects keep their owners. A dump records the binding roles that existed at the
+//! moment it sees: they are listed in a transaction whose snapshot `pg_dump` then takes
+//! over (`--snapshot`), so a role created or dropped while a backup starts can never own
+//! an object of the dump that the list misses. A restore creates a marked, `NOLOGIN` placeholder for each of them that does
 //! not exist here (a clone's target, or a binding revoked since the dump), and before the
 //! swap hands what the placeholders own to the owner role, whose members the target's
 //! bindings are, and drops them. Role names from a manifest are checked against the
@@ -21,7 +23,13 @@
 //! to the moment [`complete`] dropped it.
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
 
 use tokio_postgres::Client;
 use tracing::{info, warn};
@@ -30,7 +38,7 @@ use super::{
     AdminConnection, DATABASE, ENGINE, OWNER_ROLE, installed_bin_dir, quote_ident, quote_literal,
     sql_error,
 };
-use crate::backup::{ProcessSink, ProcessSource, Sink, Source, SourceInfo};
+use crate::backup::{ProcessSink, ProcessSource, Sink, Source, SourceInfo, SourceOutput};
 use crate::engine::Server;
 use crate::storage::ByteStream;
 use crate::{Error, Result};
@@ -310,8 +318,10 @@ pub(super) async fn reset(server: &Server, client: &mut Client) -> Result<()> {
 pub(super) async fn backup_source(server: &Server) -> Result<Box<dyn Source>> {
     installed_bin_dir(&server.version)?;
     let admin = AdminConnection::for_server(server);
-    let client = admin.connect("postgres").await?;
-    let roles = binding_roles(&client).await?;
+    // A snapshot can only be taken over in the database it was exported from.
+    let exporter = admin.connect(DATABASE).await?;
+    let snapshot = export_snapshot(&exporter).await?;
+    let roles = binding_roles(&exporter).await?;
     let mut details = BTreeMap::new();
     if !roles.is_empty() {
         details.insert(ROLES_DETAIL.to_owned(), roles.join(","));
@@ -331,10 +341,71 @@ pub(super) async fn backup_source(server: &Server) -> Result<Box<dyn Source>> {
                 "--compress=0",
                 "--no-password",
                 "--lock-wait-timeout=120s",
+                &format!("--snapshot={snapshot}"),
             ],
         )
         .env("PGOPTIONS", TOOL_OPTIONS);
-    Ok(Box::new(ProcessSource::new(info, command)))
+    Ok(Box::new(SnapshotDump {
+        dump: ProcessSource::new(info, command),
+        exporter: Arc::new(exporter),
+    }))
+}
+
+/// Opens a read-only repeatable-read transaction on `client` and exports its snapshot.
+/// The transaction lasts as long as the connection: idle for as long as the dump runs,
+/// whatever timeouts the plan sets for applications.
+async fn export_snapshot(client: &Client) -> Result<String> {
+    client
+        .batch_execute(
+            "SET idle_in_transaction_session_timeout = 0; SET idle_session_timeout = 0;
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        )
+        .await
+        .map_err(|e| sql_error("starting the dump's transaction", &e))?;
+    let row = client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(|e| sql_error("exporting the dump's snapshot", &e))?;
+    Ok(row.get(0))
+}
+
+/// `pg_dump` of an exported snapshot: the exporting connection lives as long as this
+/// source or a stream it opened, so that the snapshot exists when `pg_dump` takes it.
+#[derive(Debug)]
+struct SnapshotDump {
+    dump: ProcessSource,
+    exporter: Arc<Client>,
+}
+
+#[async_trait::async_trait]
+impl Source for SnapshotDump {
+    fn info(&self) -> SourceInfo {
+        self.dump.info()
+    }
+
+    async fn open(&self) -> Result<SourceOutput> {
+        Ok(match self.dump.open().await? {
+            SourceOutput::Stream(stream) => SourceOutput::Stream(Box::pin(Holding {
+                stream,
+                _exporter: self.exporter.clone(),
+            })),
+            reference => reference,
+        })
+    }
+}
+
+/// A dump's stream that keeps the snapshot's exporting connection until it is dropped.
+struct Holding {
+    stream: ByteStream,
+    _exporter: Arc<Client>,
+}
+
+impl Stream for Holding {
+    type Item = Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.stream.as_mut().poll_next(cx)
+    }
 }
 
 /// See [`Engine::begin_restore`](crate::engine::Engine::begin_restore).
