@@ -169,20 +169,22 @@ mod tests {
         Bar::new(true, None, "")
     }
 
+    /// [`to_file`] without a bar, never interrupted.
+    async fn write<S>(body: S, expected: &Expected, path: &Path) -> Result<(), Error>
+    where
+        S: Stream<Item = Result<Bytes, Error>>,
+    {
+        to_file(body, expected, path, &hidden(), &CancellationToken::new()).await
+    }
+
     #[tokio::test]
     async fn a_complete_download_is_renamed_into_place() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("backup.bin");
         let data = payload();
-        to_file(
-            body(&data),
-            &expected_for(&data),
-            &path,
-            &hidden(),
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        write(body(&data), &expected_for(&data), &path)
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert!(!partial_path(&path).exists());
     }
@@ -194,15 +196,9 @@ mod tests {
         let data = payload();
         let mut damaged = data.clone();
         damaged[200_000] ^= 0x01;
-        let error = to_file(
-            body(&damaged),
-            &expected_for(&data),
-            &path,
-            &hidden(),
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap_err();
+        let error = write(body(&damaged), &expected_for(&data), &path)
+            .await
+            .unwrap_err();
         assert!(
             matches!(error, Error::Download(ref m) if m.contains("SHA-256")),
             "{error}"
@@ -216,15 +212,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("backup.bin");
         let data = payload();
-        let error = to_file(
-            body(&data[..data.len() - 1]),
-            &expected_for(&data),
-            &path,
-            &hidden(),
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap_err();
+        let error = write(body(&data[..data.len() - 1]), &expected_for(&data), &path)
+            .await
+            .unwrap_err();
         assert!(
             matches!(error, Error::Download(ref m) if m.contains("bytes")),
             "{error}"
@@ -244,15 +234,9 @@ mod tests {
                 url: "http://broker".into(),
                 reason: "connection reset".into(),
             })]));
-        let error = to_file(
-            broken,
-            &expected_for(&data),
-            &path,
-            &hidden(),
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap_err();
+        let error = write(broken, &expected_for(&data), &path)
+            .await
+            .unwrap_err();
         assert!(matches!(error, Error::Unreachable { .. }), "{error}");
         assert_eq!(std::fs::read(&path).unwrap(), b"an earlier download");
         assert!(!partial_path(&path).exists());
