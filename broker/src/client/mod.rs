@@ -5,8 +5,8 @@
 //! [`access`] says where credentials come from, [`api`] is the typed HTTP client,
 //! [`commands`] runs each command, [`download`] writes checked downloads, [`render`]
 //! prints. Exit status: 0 done (or, with `--wait`, succeeded), 1 failed or refused, 2 a
-//! command line or key file that cannot be used. Nothing here ever prints or logs a
-//! token or password.
+//! command line or key file that cannot be used, 130 a download stopped by Ctrl-C.
+//! Nothing here ever prints or logs a token or password.
 
 pub mod access;
 pub mod api;
