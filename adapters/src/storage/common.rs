@@ -1,11 +1,14 @@
-//! Helpers shared by the storage backends: error values, upload ids and the backoff loop
-//! of clean-ups. Nothing here talks to a server itself.
+//! Helpers shared by the storage backends: error values, upload ids, the first bytes of
+//! a put and the backoff loop of clean-ups. Nothing here talks to a server itself.
 
 use std::future::Future;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt as _;
 use tracing::warn;
 
+use super::ByteStream;
 use crate::{Error, Result};
 
 /// A storage error without a source error.
@@ -52,4 +55,23 @@ where
         }
     }
     false
+}
+
+/// The start of a put's stream: the whole object when it ends within the limit (one plain
+/// request), or more than the limit buffered (a multipart or segmented upload follows).
+pub(crate) enum Head {
+    Whole(Bytes),
+    Partial(BytesMut),
+}
+
+/// Reads `data` until more than `limit` bytes are buffered or it ends.
+pub(crate) async fn read_head(data: &mut ByteStream, limit: u64) -> Result<Head> {
+    let mut buffer = BytesMut::new();
+    while buffer.len() as u64 <= limit {
+        match data.next().await {
+            Some(chunk) => buffer.extend_from_slice(&chunk?),
+            None => return Ok(Head::Whole(buffer.freeze())),
+        }
+    }
+    Ok(Head::Partial(buffer))
 }

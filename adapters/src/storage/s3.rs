@@ -26,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::task::JoinHandle;
 
-use super::common::{storage_msg, with_backoff};
+use super::common::{Head, read_head, storage_msg, with_backoff};
 use super::{ByteStream, ObjectInfo, ObjectKey, Store, Sweep};
 use crate::{Error, Result};
 
@@ -639,22 +639,15 @@ where
 impl Store for S3Store {
     async fn put(&self, key: &ObjectKey, mut data: ByteStream) -> Result<u64> {
         let full = self.full_key(key);
-        let first = self.part_size_for(1);
-        let mut buffer = BytesMut::with_capacity(first);
-        let mut total = 0u64;
-        while buffer.len() <= first {
-            match data.next().await {
-                Some(chunk) => {
-                    let chunk = chunk?;
-                    total += chunk.len() as u64;
-                    buffer.extend_from_slice(&chunk);
-                }
-                None => {
-                    self.put_small(&full, buffer.freeze()).await?;
-                    return Ok(total);
-                }
+        let buffer = match read_head(&mut data, self.part_size_for(1) as u64).await? {
+            Head::Whole(object) => {
+                let total = object.len() as u64;
+                self.put_small(&full, object).await?;
+                return Ok(total);
             }
-        }
+            Head::Partial(buffer) => buffer,
+        };
+        let total = buffer.len() as u64;
         self.put_multipart(&full, buffer, data, total).await
     }
 

@@ -16,14 +16,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
 use tokio::sync::{Mutex, mpsc};
 use tracing::warn;
 
-use super::common::{random_id, storage_msg, with_backoff};
+use super::common::{Head, random_id, read_head, storage_msg, with_backoff};
 use super::{ByteStream, ObjectInfo, ObjectKey, Store, Sweep};
 use crate::{Error, Result};
 
@@ -738,24 +738,17 @@ impl Store for SwiftStore {
         let name = self.full_name(key);
         self.ensure_containers().await?;
         let small = SMALL_OBJECT.min(self.settings.segment_size);
-        let mut buffer = BytesMut::new();
-        let mut total = 0u64;
-        while total <= small {
-            match data.next().await {
-                Some(chunk) => {
-                    let chunk = chunk?;
-                    total += chunk.len() as u64;
-                    buffer.extend_from_slice(&chunk);
+        let buffer = match read_head(&mut data, small).await? {
+            Head::Whole(object) => {
+                let total = object.len() as u64;
+                self.put_plain(&name, object).await?;
+                if let Err(e) = self.delete_replaced_segments(&name).await {
+                    warn!(key = %key, error = %e, "Could not delete the segments of a replaced object.");
                 }
-                None => {
-                    self.put_plain(&name, buffer.freeze()).await?;
-                    if let Err(e) = self.delete_replaced_segments(&name).await {
-                        warn!(key = %key, error = %e, "Could not delete the segments of a replaced object.");
-                    }
-                    return Ok(total);
-                }
+                return Ok(total);
             }
-        }
+            Head::Partial(buffer) => buffer,
+        };
         let upload = random_id();
         let mut guard = PutGuard {
             store: self.clone(),
