@@ -12,6 +12,8 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use phoenix_adapters::infrastructure::EbsHostConfig;
+use phoenix_adapters::snapshot::ebs::{EbsConfig, PollPolicy};
 use phoenix_adapters::storage::StorageConfig;
 use serde::Deserialize;
 
@@ -39,6 +41,79 @@ struct FileConfig {
     public_url: Option<String>,
     clone_scope: Option<String>,
     delete_backups_with_instance: Option<bool>,
+    ebs: Option<EbsSettings>,
+}
+
+/// On an EC2 host: instance volumes are EBS volumes of their own (`ebs:` in the file, or
+/// `PHOENIX_EBS` as YAML). Credentials come from here only, never from the instance
+/// metadata service.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EbsSettings {
+    pub region: String,
+    /// An EC2-compatible endpoint; AWS's when absent.
+    pub endpoint: Option<String>,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// The EC2 instance the broker runs on.
+    pub instance_id: String,
+    /// Its availability zone.
+    pub availability_zone: String,
+    /// Where attached volumes show up.
+    #[serde(default = "default_device_dir")]
+    pub device_dir: PathBuf,
+    #[serde(default = "default_volume_size_gib")]
+    pub volume_size_gib: i32,
+    #[serde(default = "default_volume_type")]
+    pub volume_type: String,
+}
+
+fn default_device_dir() -> PathBuf {
+    PathBuf::from("/dev/disk/by-id")
+}
+
+fn default_volume_size_gib() -> i32 {
+    20
+}
+
+fn default_volume_type() -> String {
+    "gp3".to_owned()
+}
+
+impl fmt::Debug for EbsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EbsSettings")
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("access_key_id", &"..")
+            .field("secret_access_key", &"..")
+            .field("instance_id", &self.instance_id)
+            .field("availability_zone", &self.availability_zone)
+            .field("device_dir", &self.device_dir)
+            .field("volume_size_gib", &self.volume_size_gib)
+            .field("volume_type", &self.volume_type)
+            .finish()
+    }
+}
+
+impl EbsSettings {
+    /// The local infrastructure's view of these settings.
+    pub fn host_config(&self) -> EbsHostConfig {
+        EbsHostConfig {
+            ec2: EbsConfig {
+                region: self.region.clone(),
+                endpoint: self.endpoint.clone(),
+                access_key_id: Some(self.access_key_id.clone()),
+                secret_access_key: Some(self.secret_access_key.clone()),
+                poll: PollPolicy::default(),
+            },
+            instance_id: self.instance_id.clone(),
+            availability_zone: self.availability_zone.clone(),
+            device_dir: self.device_dir.clone(),
+            volume_size_gib: self.volume_size_gib,
+            volume_type: self.volume_type.clone(),
+        }
+    }
 }
 
 /// The platform's credentials for HTTP basic authentication.
@@ -97,6 +172,8 @@ pub struct Settings {
     /// Whether deprovisioning an instance deletes its backups at once (default: they
     /// stay until their retention ends, so a deleted instance can still be cloned).
     pub delete_backups_with_instance: bool,
+    /// None: instance volumes are directories under the data directory.
+    pub ebs: Option<EbsSettings>,
 }
 
 /// Which instances a clone or fork may start from.
@@ -226,6 +303,13 @@ impl Settings {
                     ))
                 })?,
                 None => file_config.delete_backups_with_instance.unwrap_or(false),
+            },
+            ebs: match env("PHOENIX_EBS").filter(|v| !v.is_empty()) {
+                Some(text) => Some(
+                    serde_norway::from_str(&text)
+                        .map_err(|e| Error::Config(format!("PHOENIX_EBS: {e}")))?,
+                ),
+                None => file_config.ebs,
             },
             storage: match env("PHOENIX_STORAGE").filter(|v| !v.is_empty()) {
                 Some(text) => serde_norway::from_str(&text)

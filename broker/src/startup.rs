@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::app_state::{AppState, Running, engine_kind};
-use crate::config::Settings;
+use crate::config::{EbsSettings, Settings};
 use crate::error::{ApiError, Error};
 use crate::store::{DatabaseUrl, Store};
 use crate::{backups, operability, operations, osb};
@@ -76,6 +76,7 @@ impl Application {
             root: settings.data_dir.join("instances"),
             bind_host: settings.instance_host.clone(),
             run_as,
+            ebs: settings.ebs.as_ref().map(EbsSettings::host_config),
         })?;
         let (backup_store, backup_sweeper) = settings.storage.build_with_sweeper().await?;
         let listener = TcpListener::bind(settings.listen)

@@ -9,9 +9,13 @@
 //! module must never remove anything outside `<root>/<instance_id>/` (and the instance's
 //! own entries of the `@` directories beside the volumes), and never kill a process that
 //! does not work inside that directory. On btrfs, volumes are subvolumes and can be
-//! snapshotted (`local/snapshots.rs`).
+//! snapshotted (`local/snapshots.rs`); on an EC2 host configured for it, volumes are EBS
+//! volumes mounted at the volume directories, snapshotted by EC2 (`local/ebs_volumes.rs`).
 
+mod ebs_volumes;
 mod snapshots;
+
+use snapshots::CopySource;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use super::btrfs::Btrfs;
+use super::ebs::{EbsHostConfig, EbsVolumes};
 use super::host::{self, RunAs};
 use crate::backup::{Sink, Source, SourceInfo};
 use crate::engine::postgres::AdminConnection;
@@ -47,7 +52,7 @@ const LOCKS_DIR: &str = "@locks";
 const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
 
 /// Configuration of the local infrastructure.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LocalConfig {
     /// `<data_dir>/instances`: one subdirectory per instance.
     pub root: PathBuf,
@@ -56,6 +61,9 @@ pub struct LocalConfig {
     /// The system user of the server processes; `None` is the current user. The broker
     /// passes `Some("postgres")` when it runs as root.
     pub run_as: Option<String>,
+    /// On an EC2 host: every instance's volume is an EBS volume of its own, and
+    /// snapshots are EBS snapshots. `None`: volumes are directories (subvolumes on btrfs).
+    pub ebs: Option<EbsHostConfig>,
 }
 
 impl LocalConfig {
@@ -65,6 +73,7 @@ impl LocalConfig {
             root: root.into(),
             bind_host: "127.0.0.1".to_owned(),
             run_as: None,
+            ebs: None,
         }
     }
 }
@@ -106,8 +115,10 @@ pub struct LocalInfrastructure {
     bind_host: String,
     run_as: Option<RunAs>,
     durable: bool,
-    /// The btrfs tool when the root is on btrfs, or why snapshots cannot be taken here.
+    /// The btrfs tool when the root is on btrfs, or why btrfs snapshots cannot be taken.
     btrfs: std::result::Result<Btrfs, String>,
+    /// The EBS volumes of this host, when volumes are EBS volumes.
+    ebs: Option<EbsVolumes>,
     /// One lock per instance, so that two calls never work on one volume at once. Within
     /// the process; the lock files in [`LOCKS_DIR`] extend it across processes.
     locks: Mutex<HashMap<InstanceId, Arc<tokio::sync::Mutex<()>>>>,
@@ -208,19 +219,29 @@ impl LocalInfrastructure {
                 .map_err(|e| Error::io(format!("chmod {}", root.display()), e))?;
             host::check_reachable(&root, user)?;
         }
-        let btrfs = Btrfs::detect(&root);
-        match &btrfs {
-            Ok(_) => {
-                info!(root = %root.display(), "Volumes are btrfs subvolumes; snapshots are available.")
+        let ebs = config.ebs.map(EbsVolumes::new).transpose()?;
+        let btrfs = if ebs.is_some() {
+            info!(root = %root.display(), "Volumes are EBS volumes; snapshots are EBS snapshots.");
+            Err("the volumes here are EBS volumes".to_owned())
+        } else {
+            let btrfs = Btrfs::detect(&root);
+            match &btrfs {
+                Ok(_) => {
+                    info!(root = %root.display(), "Volumes are btrfs subvolumes; snapshots are available.")
+                }
+                Err(reason) => {
+                    info!(root = %root.display(), reason, "Snapshots are not available.")
+                }
             }
-            Err(reason) => info!(root = %root.display(), reason, "Snapshots are not available."),
-        }
+            btrfs
+        };
         Ok(Self {
             root,
             bind_host: config.bind_host,
             run_as,
             durable: true,
             btrfs,
+            ebs,
             locks: Mutex::new(HashMap::new()),
         })
     }
@@ -244,11 +265,11 @@ impl LocalInfrastructure {
     }
 
     /// [`provision`](Self::provision) with a new volume that is empty, or a copy of the
-    /// snapshot at `copy_of`.
+    /// snapshot `copy_of`.
     async fn provision_volume(
         &self,
         spec: &InstanceSpec,
-        copy_of: Option<&Path>,
+        copy_of: Option<&CopySource>,
     ) -> Result<Endpoint> {
         let engine = spec.engine.engine();
         engine.validate_settings(&spec.settings)?;
@@ -266,6 +287,9 @@ impl LocalInfrastructure {
                     warn!(instance_id = %spec.id, "Wiping a half-initialised volume.");
                     self.wipe(&spec.id, record.as_ref()).await?;
                 }
+                if let Some(ebs) = &self.ebs {
+                    ebs.delete_all_of(&spec.id, None).await?;
+                }
             }
         }
         let created = match copy_of {
@@ -282,6 +306,10 @@ impl LocalInfrastructure {
                 let record = self.read_record(&server.volume).await;
                 if let Err(cleanup) = self.wipe(&spec.id, record.as_ref()).await {
                     warn!(instance_id = %spec.id, error = %cleanup, "Removing the failed volume failed.");
+                } else if let Some(ebs) = &self.ebs
+                    && let Err(cleanup) = ebs.delete_all_of(&spec.id, None).await
+                {
+                    warn!(instance_id = %spec.id, error = %cleanup, "Deleting the failed EBS volume failed; a retry or deprovision deletes it.");
                 }
                 Err(e)
             }
@@ -313,6 +341,9 @@ impl LocalInfrastructure {
             info!(instance_id = %id, "Instance deprovisioned.");
         }
         self.clear_staging(id).await?;
+        if let Some(ebs) = &self.ebs {
+            ebs.delete_all_of(id, None).await?;
+        }
         self.release(id, guard);
         Ok(())
     }
@@ -619,7 +650,7 @@ impl LocalInfrastructure {
     ) -> Result<Endpoint> {
         std::fs::create_dir_all(&self.root)
             .map_err(|e| Error::io(format!("creating {}", self.root.display()), e))?;
-        self.create_volume(&server.volume).await?;
+        self.create_volume(&spec.id, &server.volume).await?;
         host::sync_dir(&self.root)?;
         let mut record = VolumeRecord {
             engine: spec.engine,
@@ -694,9 +725,15 @@ impl LocalInfrastructure {
     }
 
     /// Moves `path` (a volume, or a copy of one) into the trash and removes it; Ok when
-    /// it does not exist. It is moved aside first: the removal of a large directory may
+    /// it does not exist. An EBS volume mounted at `path` is unmounted, detached and
+    /// deleted instead. It is moved aside first: the removal of a large directory may
     /// outlive a cancelled caller, and must never race with a new volume at that path.
     async fn discard(&self, path: &Path) -> Result<()> {
+        if let Some(ebs) = &self.ebs
+            && super::ebs::is_mount_point(path)?
+        {
+            return self.discard_ebs_volume(ebs, path).await;
+        }
         let trash = self.root.join(TRASH_DIR);
         std::fs::create_dir_all(&trash)
             .map_err(|e| Error::io(format!("creating {}", trash.display()), e))?;

@@ -31,7 +31,8 @@ use aws_sdk_ec2::config::timeout::TimeoutConfig;
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
-    Filter, ResourceType, Snapshot, SnapshotState, Tag, TagSpecification, VolumeState,
+    Filter, ResourceType, Snapshot, SnapshotState, Tag, TagSpecification, Volume,
+    VolumeAttachmentState, VolumeState,
 };
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -134,6 +135,8 @@ pub enum Preparing {
     Snapshot(String),
     /// A volume, ready when `available`.
     Volume(String),
+    /// A volume's attachment to an instance, ready when `attached`.
+    Attachment(String),
 }
 
 impl Preparing {
@@ -141,6 +144,7 @@ impl Preparing {
         match self {
             Self::Snapshot(_) => "CreateSnapshot",
             Self::Volume(_) => "CreateVolume",
+            Self::Attachment(_) => "AttachVolume",
         }
     }
 }
@@ -150,6 +154,7 @@ impl fmt::Display for Preparing {
         match self {
             Self::Snapshot(id) => write!(f, "EBS snapshot {id}"),
             Self::Volume(id) => write!(f, "EBS volume {id}"),
+            Self::Attachment(id) => write!(f, "the attachment of EBS volume {id}"),
         }
     }
 }
@@ -216,17 +221,7 @@ impl Waiter for Ec2Waiter {
                 })
             }
             Preparing::Volume(id) => {
-                let output = self
-                    .client
-                    .describe_volumes()
-                    .volume_ids(id)
-                    .send()
-                    .await
-                    .map_err(|e| ec2_error(e, "DescribeVolumes", id, "InvalidVolume.NotFound"))?;
-                let volume = output
-                    .volumes()
-                    .first()
-                    .ok_or_else(|| Error::NotFound { key: id.clone() })?;
+                let volume = describe_volume(&self.client, id).await?;
                 Ok(match volume.state() {
                     Some(VolumeState::Available) => Progress::Ready,
                     Some(
@@ -235,6 +230,21 @@ impl Waiter for Ec2Waiter {
                     state => {
                         Progress::Working(state.map_or("unknown", VolumeState::as_str).to_owned())
                     }
+                })
+            }
+            Preparing::Attachment(id) => {
+                let volume = describe_volume(&self.client, id).await?;
+                let state = volume.attachments().first().and_then(|a| a.state());
+                Ok(match state {
+                    Some(VolumeAttachmentState::Attached) => Progress::Ready,
+                    Some(VolumeAttachmentState::Detached) => {
+                        Progress::Failed("the volume was detached".to_owned())
+                    }
+                    state => Progress::Working(
+                        state
+                            .map_or("not attached yet", VolumeAttachmentState::as_str)
+                            .to_owned(),
+                    ),
                 })
             }
         }
@@ -333,22 +343,37 @@ impl EbsSnapshots {
         }
     }
 
+    /// The EC2 client, for the volumes of an EC2 host (`infrastructure::ebs`).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The configured region: [`SnapshotRef::location`] of every snapshot taken here.
     pub fn region(&self) -> &str {
         &self.region
     }
 
-    /// Snapshots `volume_id`, tagged with `tags`, and waits until EC2 says `completed`.
-    ///
-    /// A snapshot of the same volume already tagged with the same instance and backup
-    /// (a retried backup after a crash) is waited for instead of taking a second one.
+    /// Snapshots `volume_id`, tagged with `tags`, and waits until EC2 says `completed`:
+    /// [`start`](Self::start), then [`complete`](Self::complete).
     ///
     /// # Errors
-    /// [`Error::NotFound`] for a volume EC2 does not know; [`Error::Timeout`] naming the
-    /// snapshot past the poll deadline, and [`Error::Cloud`] for a snapshot in state
-    /// `error` (in both cases the snapshot stays, tagged, for retention); [`Error::Cloud`]
-    /// for a refused call ([`Error::is_retryable`] says whether trying again may help).
+    /// As `start` and `complete`.
     pub async fn create(&self, volume_id: &str, tags: &SnapshotTags) -> Result<SnapshotRef> {
+        let snapshot_id = self.start(volume_id, tags).await?;
+        self.complete(&snapshot_id, tags).await
+    }
+
+    /// Starts a snapshot of `volume_id`, tagged with `tags`, and returns its id. The
+    /// snapshot holds the volume as it was when this call returned; EC2 copies it in the
+    /// background ([`complete`](Self::complete) waits for that).
+    ///
+    /// A snapshot of the same volume already tagged with the same instance and backup
+    /// (a retried backup after a crash) is returned instead of taking a second one.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for a volume EC2 does not know; [`Error::Cloud`] for a refused
+    /// call ([`Error::is_retryable`] says whether trying again may help).
+    pub async fn start(&self, volume_id: &str, tags: &SnapshotTags) -> Result<String> {
         check_id("volume", "vol-", volume_id)?;
         let zone = self.volume_zone(volume_id).await?;
         let adopted = self
@@ -357,18 +382,29 @@ impl EbsSnapshots {
             .into_iter()
             .find(|s| s.volume_id() == Some(volume_id) && s.state() != Some(&SnapshotState::Error))
             .and_then(|s| s.snapshot_id().map(str::to_owned));
-        let snapshot_id = match adopted {
+        match adopted {
             Some(id) => {
                 info!(
                     snapshot_id = %id, volume_id, instance_id = %tags.instance_id,
                     backup_id = %tags.backup_id,
-                    "Waiting for the EBS snapshot an earlier attempt took."
+                    "Adopting the EBS snapshot an earlier attempt took."
                 );
-                id
+                Ok(id)
             }
-            None => self.start_snapshot(volume_id, &zone, tags).await?,
-        };
-        let resource = Preparing::Snapshot(snapshot_id.clone());
+            None => self.start_snapshot(volume_id, &zone, tags).await,
+        }
+    }
+
+    /// Waits until the snapshot `snapshot_id` (of backup `tags`) is `completed`, and
+    /// returns its reference.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] naming the snapshot past the poll deadline, and
+    /// [`Error::Cloud`] for a snapshot in state `error` (in both cases the snapshot
+    /// stays, tagged, for retention); [`Error::Cloud`] for a refused call.
+    pub async fn complete(&self, snapshot_id: &str, tags: &SnapshotTags) -> Result<SnapshotRef> {
+        check_id("snapshot", "snap-", snapshot_id)?;
+        let resource = Preparing::Snapshot(snapshot_id.to_owned());
         self.wait(
             &resource,
             &format!(
@@ -377,7 +413,7 @@ impl EbsSnapshots {
             ),
         )
         .await?;
-        let snapshot = describe_snapshot(&self.client, &snapshot_id).await?;
+        let snapshot = describe_snapshot(&self.client, snapshot_id).await?;
         let reference = self.reference(&snapshot).ok_or_else(|| {
             malformed(
                 "DescribeSnapshots",
@@ -385,11 +421,25 @@ impl EbsSnapshots {
             )
         })?;
         info!(
-            snapshot_id, volume_id, instance_id = %tags.instance_id,
+            snapshot_id, volume_id = snapshot.volume_id(), instance_id = %tags.instance_id,
             backup_id = %tags.backup_id, size_bytes = reference.size_bytes,
             "EBS snapshot completed."
         );
         Ok(reference)
+    }
+
+    /// Whether the snapshot exists (in any state but `error`).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a reference that is not an EBS snapshot of this region;
+    /// [`Error::Cloud`] for a refused call.
+    pub async fn exists(&self, snapshot: &SnapshotRef) -> Result<bool> {
+        let snapshot_id = self.check_ref(snapshot)?;
+        match describe_snapshot(&self.client, snapshot_id).await {
+            Ok(found) => Ok(found.state() != Some(&SnapshotState::Error)),
+            Err(Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes a new volume from `snapshot` in `availability_zone` and waits until EC2 says
@@ -402,6 +452,20 @@ impl EbsSnapshots {
     /// [`Error::Cloud`] when the volume does not become available (it stays, tagged
     /// [`TAG_RESTORED_FROM`]).
     pub async fn restore(&self, snapshot: &SnapshotRef, availability_zone: &str) -> Result<String> {
+        self.restore_tagged(snapshot, availability_zone, &[]).await
+    }
+
+    /// [`restore`](Self::restore), with `tags` on the new volume besides
+    /// [`TAG_RESTORED_FROM`].
+    ///
+    /// # Errors
+    /// As `restore`.
+    pub async fn restore_tagged(
+        &self,
+        snapshot: &SnapshotRef,
+        availability_zone: &str,
+        tags: &[(&str, &str)],
+    ) -> Result<String> {
         let snapshot_id = self.check_ref(snapshot)?;
         self.check_zone(availability_zone).await?;
         let created = self
@@ -412,7 +476,12 @@ impl EbsSnapshots {
             .tag_specifications(
                 TagSpecification::builder()
                     .resource_type(ResourceType::Volume)
-                    .tags(tag(TAG_RESTORED_FROM, snapshot_id))
+                    .set_tags(Some(
+                        tags.iter()
+                            .map(|(key, value)| tag(key, value))
+                            .chain(std::iter::once(tag(TAG_RESTORED_FROM, snapshot_id)))
+                            .collect(),
+                    ))
                     .build(),
             )
             .send()
@@ -493,20 +562,15 @@ impl EbsSnapshots {
     }
 
     async fn volume_zone(&self, volume_id: &str) -> Result<String> {
-        let output = self
-            .client
-            .describe_volumes()
-            .volume_ids(volume_id)
-            .send()
-            .await
-            .map_err(|e| ec2_error(e, "DescribeVolumes", volume_id, "InvalidVolume.NotFound"))?;
-        output
-            .volumes()
-            .first()
-            .and_then(|v| v.availability_zone())
+        describe_volume(&self.client, volume_id)
+            .await?
+            .availability_zone()
             .map(str::to_owned)
-            .ok_or_else(|| Error::NotFound {
-                key: volume_id.to_owned(),
+            .ok_or_else(|| {
+                malformed(
+                    "DescribeVolumes",
+                    format!("EC2 gave no zone for {volume_id}"),
+                )
             })
     }
 
@@ -545,7 +609,7 @@ impl EbsSnapshots {
 
     /// Polls `resource` until it is ready, with backoff, up to the deadline. `left` says
     /// what becomes of the resource when the wait fails.
-    async fn wait(&self, resource: &Preparing, left: &str) -> Result<()> {
+    pub(crate) async fn wait(&self, resource: &Preparing, left: &str) -> Result<()> {
         let waiter = &*self.waiter;
         let started = waiter.now();
         let mut interval = self.poll.first;
@@ -710,6 +774,20 @@ impl EbsSnapshots {
     }
 }
 
+pub(crate) async fn describe_volume(client: &Client, id: &str) -> Result<Volume> {
+    let output = client
+        .describe_volumes()
+        .volume_ids(id)
+        .send()
+        .await
+        .map_err(|e| ec2_error(e, "DescribeVolumes", id, "InvalidVolume.NotFound"))?;
+    output
+        .volumes()
+        .first()
+        .cloned()
+        .ok_or_else(|| Error::NotFound { key: id.to_owned() })
+}
+
 async fn describe_snapshot(client: &Client, id: &str) -> Result<Snapshot> {
     let output = client
         .describe_snapshots()
@@ -725,7 +803,7 @@ async fn describe_snapshot(client: &Client, id: &str) -> Result<Snapshot> {
 }
 
 /// An answer of EC2 that lacks what the call exists for.
-fn malformed(operation: &'static str, message: String) -> Error {
+pub(crate) fn malformed(operation: &'static str, message: String) -> Error {
     Error::Cloud {
         service: SERVICE,
         operation,
@@ -735,13 +813,13 @@ fn malformed(operation: &'static str, message: String) -> Error {
     }
 }
 
-fn tag(key: &str, value: &str) -> Tag {
+pub(crate) fn tag(key: &str, value: &str) -> Tag {
     Tag::builder().key(key).value(value).build()
 }
 
 /// Refuses an id that is not `prefix` and hex digits (what EC2 hands out), so that a
 /// reference from elsewhere never becomes part of a request.
-fn check_id(kind: &str, prefix: &str, id: &str) -> Result<()> {
+pub(crate) fn check_id(kind: &str, prefix: &str, id: &str) -> Result<()> {
     let valid = id.strip_prefix(prefix).is_some_and(|rest| {
         !rest.is_empty() && rest.len() <= 32 && rest.chars().all(|c| c.is_ascii_hexdigit())
     });
@@ -795,7 +873,7 @@ fn classify(code: Option<&str>, status: Option<u16>, not_found: &str) -> Class {
 
 /// Maps an SDK error of `operation` on `subject` (a volume, snapshot or region); the
 /// message names both and never holds a credential.
-fn ec2_error<E>(
+pub(crate) fn ec2_error<E>(
     err: SdkError<E, HttpResponse>,
     operation: &'static str,
     subject: &str,

@@ -49,6 +49,7 @@ impl Fixture {
             root: self.root(),
             bind_host: "127.0.0.1".to_owned(),
             run_as,
+            ebs: None,
         })
         .unwrap()
         .with_fsync(false)

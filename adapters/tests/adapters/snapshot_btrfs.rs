@@ -252,11 +252,11 @@ async fn a_volume_on_btrfs_is_a_subvolume_and_its_snapshots_outlive_a_deprovisio
     infra.deprovision(&spec.id).await?;
     assert!(!volume.exists());
     assert!(
-        infra.snapshot_exists(&snapshot)?,
+        infra.snapshot_exists(&snapshot).await?,
         "a deprovision took a backup"
     );
     infra.delete_snapshot(&snapshot).await?;
-    assert!(!infra.snapshot_exists(&snapshot)?);
+    assert!(!infra.snapshot_exists(&snapshot).await?);
     infra.delete_snapshot(&snapshot).await?;
     assert!(!path.parent().unwrap().exists());
     Ok(())
@@ -679,7 +679,7 @@ async fn a_shipped_snapshot_goes_through_the_pipeline_and_restores_under_another
         &CancellationToken::new(),
     )
     .await?;
-    assert!(there.snapshot_exists(&received)?);
+    assert!(there.snapshot_exists(&received).await?);
     // Another host's server user has another user ID: what it owned must be handed over.
     let received_path = snapshot_path(&fixture.root("other-host"), &received);
     set_read_only(&received_path, false);
@@ -721,7 +721,7 @@ async fn a_shipped_snapshot_goes_through_the_pipeline_and_restores_under_another
         .await
         .unwrap_err();
     println!("a cut send stream failed as it must: {err}");
-    assert!(!there.snapshot_exists(&cut)?);
+    assert!(!there.snapshot_exists(&cut).await?);
     assert!(
         !fixture
             .root("other-host")

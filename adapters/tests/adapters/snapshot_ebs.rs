@@ -24,18 +24,18 @@ use crate::storage_support::unique_prefix;
 
 const GIB: u64 = 1 << 30;
 
-/// The testbed's emulator, or `None` (and a message) when the testbed is not running.
-struct Testbed {
+/// The testbed's emulator.
+pub(crate) struct Testbed {
     endpoint: String,
-    region: String,
+    pub(crate) region: String,
     access_key_id: String,
     secret_access_key: String,
     /// For the tests' own setup and checks (CreateVolume, DescribeVolumes, ...).
-    client: aws_sdk_ec2::Client,
+    pub(crate) client: aws_sdk_ec2::Client,
 }
 
 /// The EC2 emulator of the testbed; a test without it fails (tests never skip).
-fn testbed() -> Testbed {
+pub(crate) fn testbed() -> Testbed {
     let var = |name: &str| {
         std::env::var(name).unwrap_or_else(|_| {
             panic!(
@@ -72,7 +72,7 @@ fn testbed() -> Testbed {
 }
 
 impl Testbed {
-    fn config(&self, poll: PollPolicy) -> EbsConfig {
+    pub(crate) fn config(&self, poll: PollPolicy) -> EbsConfig {
         EbsConfig {
             region: self.region.clone(),
             endpoint: Some(self.endpoint.clone()),
@@ -103,7 +103,7 @@ impl Testbed {
         created.volume_id().unwrap().to_owned()
     }
 
-    async fn describe_volume(&self, id: &str) -> aws_sdk_ec2::types::Volume {
+    pub(crate) async fn describe_volume(&self, id: &str) -> aws_sdk_ec2::types::Volume {
         let output = self
             .client
             .describe_volumes()
@@ -130,7 +130,7 @@ impl Testbed {
         output.volumes().len()
     }
 
-    async fn snapshot_exists(&self, id: &str) -> bool {
+    pub(crate) async fn snapshot_exists(&self, id: &str) -> bool {
         match self
             .client
             .describe_snapshots()
@@ -149,7 +149,7 @@ impl Testbed {
 }
 
 /// Short intervals: the production waiter finds moto's snapshots complete at once.
-fn fast_poll() -> PollPolicy {
+pub(crate) fn fast_poll() -> PollPolicy {
     PollPolicy {
         first: Duration::from_millis(10),
         max_interval: Duration::from_millis(50),
@@ -240,6 +240,7 @@ impl Waiter for PendingThenCompleted {
             let state = match resource {
                 Preparing::Snapshot(_) => format!("pending {}%", look * 10),
                 Preparing::Volume(_) => "creating".to_owned(),
+                Preparing::Attachment(_) => "attaching".to_owned(),
             };
             return Ok(Progress::Working(state));
         }

@@ -416,7 +416,7 @@ where
 {
     if let Some(local) = local_snapshot(manifest)
         && manifest.instance_id == target.id
-        && state.infrastructure.snapshot_exists(&local)?
+        && state.infrastructure.snapshot_exists(&local).await?
     {
         return Ok(local);
     }

@@ -330,7 +330,7 @@ pub async fn remove_backup(state: &AppState, backup: &Backup) -> Result<(), Erro
     match backup::read_manifest(state.backup_store.as_ref(), &instance, &id).await {
         Ok(manifest) => {
             if let Some(snapshot) = run::local_snapshot(&manifest)
-                && state.infrastructure.snapshot_exists(&snapshot)?
+                && state.infrastructure.snapshot_exists(&snapshot).await?
             {
                 state.infrastructure.delete_snapshot(&snapshot).await?;
             }

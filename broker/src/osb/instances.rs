@@ -113,12 +113,22 @@ fn check_maintenance(
 /// A snapshot plan needs an infrastructure that takes snapshots: refused at once, never
 /// faked with a copy later.
 fn refuse_unsupported_strategy(state: &AppState, plan: &Plan) -> Result<(), ApiError> {
-    if matches!(plan.backup_strategy, BackupStrategy::Snapshot { .. })
-        && !state.infrastructure.supports_snapshots()
-    {
+    let BackupStrategy::Snapshot { shipped } = plan.backup_strategy else {
+        return Ok(());
+    };
+    if !state.infrastructure.supports_snapshots() {
         return Err(ApiError::unprocessable(format!(
-            "Plan {} backs up by btrfs snapshots, and this broker's data directory is not on \
-             btrfs; choose a plan with stream backups.",
+            "Plan {} backs up by snapshots, and this broker's volumes can take none (its data \
+             directory is not on btrfs, and it has no EBS volumes); choose a plan with stream \
+             backups.",
+            plan.name
+        )));
+    }
+    if shipped && !state.infrastructure.ships_snapshots() {
+        return Err(ApiError::unprocessable(format!(
+            "Plan {} ships its snapshots to backup storage, and this broker's volumes are EBS \
+             volumes, whose snapshots EC2 keeps off the host already; choose a snapshot plan \
+             that is not shipped.",
             plan.name
         )));
     }

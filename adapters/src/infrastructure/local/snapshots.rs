@@ -25,7 +25,9 @@
 //! ([`Engine::adopt_copy`]): the logins it carries from its source never get in.
 //!
 //! A root that is not on btrfs refuses every call here with [`Error::Invalid`]: nothing
-//! is ever faked with a copy.
+//! is ever faked with a copy. Where volumes are EBS volumes, the same calls work on EBS
+//! snapshots (`ebs_volumes.rs` holds what differs): the same flow, with mounts moved
+//! instead of directories renamed, and no shipping (EC2 keeps its snapshots off the host).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt as _;
@@ -41,7 +43,7 @@ use crate::backup::{
 use crate::engine::{BindingLogins, Endpoint, Engine, Server};
 use crate::ids::{BackupId, InstanceId};
 use crate::infrastructure::btrfs::{self, Btrfs};
-use crate::infrastructure::{InstanceSpec, host};
+use crate::infrastructure::{InstanceSpec, ebs, host};
 use crate::storage::ByteStream;
 use crate::{Error, Result};
 
@@ -58,10 +60,25 @@ const STRATEGY: &str = "snapshot";
 const SUBVOLUME_FORMAT: &str = "btrfs-subvolume";
 const SEND_FORMAT: &str = "btrfs-send";
 
+/// What a copy (a clone, a fork, an in-place restore) is made from.
+#[derive(Debug, Clone)]
+pub(super) enum CopySource {
+    /// A read-only btrfs snapshot at this path.
+    Subvolume(PathBuf),
+    /// An EBS snapshot.
+    Ebs(SnapshotRef),
+}
+
 impl LocalInfrastructure {
     /// Whether snapshot plans can run here: the root is on btrfs and the btrfs tool is
     /// installed. The broker refuses a snapshot plan at provision time otherwise.
     pub fn supports_snapshots(&self) -> bool {
+        self.btrfs.is_ok() || self.ebs.is_some()
+    }
+
+    /// Whether the snapshots taken here can be shipped (read as a stream): btrfs ones
+    /// can, EBS ones are not (EC2 keeps them off the host already).
+    pub fn ships_snapshots(&self) -> bool {
         self.btrfs.is_ok()
     }
 
@@ -74,6 +91,9 @@ impl LocalInfrastructure {
     /// or its volume is a plain directory (made before its root was on btrfs); the
     /// engine's or the tool's errors otherwise.
     pub async fn snapshot(&self, spec: &InstanceSpec, backup: &BackupId) -> Result<SnapshotRef> {
+        if let Some(ebs) = &self.ebs {
+            return self.snapshot_ebs(ebs, spec, backup).await;
+        }
         let btrfs = self.require_btrfs()?;
         let server = self.server(spec)?;
         let _guard = self.lock(&spec.id).await?;
@@ -97,7 +117,9 @@ impl LocalInfrastructure {
         spec: &InstanceSpec,
         backup: &BackupId,
     ) -> Result<Box<dyn Source>> {
-        self.require_btrfs()?;
+        if self.ebs.is_none() {
+            self.require_btrfs()?;
+        }
         Ok(Box::new(SnapshotSource {
             infrastructure: Arc::clone(self),
             spec: spec.clone(),
@@ -105,12 +127,15 @@ impl LocalInfrastructure {
         }))
     }
 
-    /// Whether the snapshot exists here.
+    /// Whether the snapshot exists here (an EBS snapshot: in this infrastructure's region).
     ///
     /// # Errors
-    /// [`Error::Invalid`] when the root is not on btrfs or the reference is not one of
-    /// this infrastructure's.
-    pub fn snapshot_exists(&self, snapshot: &SnapshotRef) -> Result<bool> {
+    /// [`Error::Invalid`] when this infrastructure takes no snapshots or the reference is
+    /// not one of its kind; EC2's errors for an EBS snapshot.
+    pub async fn snapshot_exists(&self, snapshot: &SnapshotRef) -> Result<bool> {
+        if let Some(ebs) = self.ebs_for(snapshot)? {
+            return ebs.snapshots().exists(snapshot).await;
+        }
         self.require_btrfs()?;
         let (_, path) = self.resolve(snapshot)?;
         btrfs::is_subvolume(&path)
@@ -122,6 +147,9 @@ impl LocalInfrastructure {
     /// [`Error::Invalid`] when the root is not on btrfs or the reference is not one of
     /// this infrastructure's; the tool's errors otherwise.
     pub async fn delete_snapshot(&self, snapshot: &SnapshotRef) -> Result<()> {
+        if let Some(ebs) = self.ebs_for(snapshot)? {
+            return ebs.snapshots().delete(snapshot).await;
+        }
         let btrfs = self.require_btrfs()?;
         let (instance, path) = self.resolve(snapshot)?;
         let guard = self.lock(&instance).await?;
@@ -155,26 +183,24 @@ impl LocalInfrastructure {
         spec: &InstanceSpec,
         snapshot: &SnapshotRef,
     ) -> Result<Endpoint> {
-        let btrfs = self.require_btrfs()?;
-        let (_, source) = self.resolve(snapshot)?;
+        let source = self.copy_source(snapshot)?;
         let engine = spec.engine.engine();
         engine.validate_settings(&spec.settings)?;
         let server = self.server(spec)?;
         let _guard = self.lock(&spec.id).await?;
         let record = self.require_ready(&server, spec).await?;
-        self.check_copy(&source, spec).await?;
         // The live server must answer: its bindings' logins go into the copy.
         self.converge(engine, &server, spec, &record).await?;
         let logins = engine.binding_logins(&server).await?;
         let staging = self.staging(&spec.id);
-        self.stage_copy(btrfs, &source, &staging, spec, VolumeState::Ready)
+        self.stage_copy(&source, &staging, spec, VolumeState::Ready)
             .await?;
         let restored = async {
             engine.stop(&server).await?;
             let previous = self.previous(&spec.id);
             private_dirs(&self.root.join(PREVIOUS_DIR))?;
-            rename(&server.volume, &previous)?;
-            rename(&staging, &server.volume)?;
+            self.move_volume(&server.volume, &previous).await?;
+            self.move_volume(&staging, &server.volume).await?;
             self.start_copy(engine, &server, spec, &logins).await?;
             // The commit point: once the previous volume is in the trash, nothing puts
             // it back.
@@ -213,8 +239,7 @@ impl LocalInfrastructure {
         spec: &InstanceSpec,
         snapshot: &SnapshotRef,
     ) -> Result<Endpoint> {
-        self.require_btrfs()?;
-        let (_, source) = self.resolve(snapshot)?;
+        let source = self.copy_source(snapshot)?;
         self.provision_volume(spec, Some(&source)).await
     }
 
@@ -229,13 +254,16 @@ impl LocalInfrastructure {
         spec: &InstanceSpec,
         source: &InstanceSpec,
     ) -> Result<Endpoint> {
-        let btrfs = self.require_btrfs()?;
         if spec.id == source.id {
             return Err(Error::Invalid(format!(
                 "instance {} cannot be forked into itself",
                 spec.id
             )));
         }
+        if let Some(ebs) = &self.ebs {
+            return self.provision_fork_ebs(ebs, spec, source).await;
+        }
+        let btrfs = self.require_btrfs()?;
         let fork = self.root.join(FORKS_DIR).join(spec.id.as_str());
         {
             // Only the source's lock here, then only the fork's: never both at once.
@@ -245,7 +273,9 @@ impl LocalInfrastructure {
             btrfs.delete(&fork).await?;
             self.snapshot_live(btrfs, source, &server, &fork).await?;
         }
-        let forked = self.provision_volume(spec, Some(&fork)).await;
+        let forked = self
+            .provision_volume(spec, Some(&CopySource::Subvolume(fork.clone())))
+            .await;
         if let Err(e) = btrfs.delete(&fork).await {
             warn!(instance_id = %spec.id, error = %e, "Removing a fork's source snapshot failed; the next fork or deprovision retries.");
         }
@@ -258,7 +288,7 @@ impl LocalInfrastructure {
     /// # Errors
     /// [`Error::Invalid`] when the root is not on btrfs or the snapshot does not exist.
     pub async fn send_source(&self, snapshot: &SnapshotRef) -> Result<Box<dyn Source>> {
-        let btrfs = self.require_btrfs()?;
+        let btrfs = self.require_shipping()?;
         let (_, path) = self.resolve(snapshot)?;
         let record = self.copy_record(&path).await?;
         let info = SourceInfo {
@@ -290,7 +320,7 @@ impl LocalInfrastructure {
         backup: &BackupId,
         info: &SourceInfo,
     ) -> Result<(Box<dyn Sink>, SnapshotRef)> {
-        let btrfs = self.require_btrfs()?;
+        let btrfs = self.require_shipping()?;
         let version = info.engine_version.as_deref();
         if info.format != SEND_FORMAT
             || info.engine != spec.engine.as_str()
@@ -317,9 +347,13 @@ impl LocalInfrastructure {
         Ok((Box::new(sink), self.snapshot_ref(&spec.id, backup)))
     }
 
-    /// Creates the volume of a new instance: a subvolume on btrfs (so that it can be
-    /// snapshotted), a directory elsewhere.
-    pub(super) async fn create_volume(&self, volume: &Path) -> Result<()> {
+    /// Creates the volume of a new instance: an EBS volume mounted there on an EC2 host
+    /// configured for it, a subvolume on btrfs (so that it can be snapshotted), a
+    /// directory elsewhere.
+    pub(super) async fn create_volume(&self, id: &InstanceId, volume: &Path) -> Result<()> {
+        if let Some(ebs) = &self.ebs {
+            return self.create_ebs_volume(ebs, id, volume).await;
+        }
         if let Ok(btrfs) = &self.btrfs
             && !exists(volume)?
         {
@@ -344,14 +378,12 @@ impl LocalInfrastructure {
         engine: &dyn Engine,
         server: &Server,
         spec: &InstanceSpec,
-        source: &Path,
+        source: &CopySource,
     ) -> Result<Endpoint> {
-        let btrfs = self.require_btrfs()?;
-        self.check_copy(source, spec).await?;
         let staging = self.staging(&spec.id);
-        self.stage_copy(btrfs, source, &staging, spec, VolumeState::Initialising)
+        self.stage_copy(source, &staging, spec, VolumeState::Initialising)
             .await?;
-        rename(&staging, &server.volume)?;
+        self.move_volume(&staging, &server.volume).await?;
         self.start_copy(engine, server, spec, &BindingLogins::default())
             .await?;
         engine.bootstrap(server).await?;
@@ -370,8 +402,11 @@ impl LocalInfrastructure {
     /// when there is nothing to put back. Called under the instance's lock by every call
     /// that needs its volume.
     pub(super) async fn recover_interrupted_restore(&self, id: &InstanceId) -> Result<()> {
+        if self.ebs.is_some() {
+            self.remount_lost_volume(id).await;
+        }
         let previous = self.previous(id);
-        if !exists(&previous)? {
+        if !self.holds_volume(&previous)? {
             return Ok(());
         }
         warn!(instance_id = %id, "Putting back the volume an interrupted snapshot restore set aside.");
@@ -380,11 +415,15 @@ impl LocalInfrastructure {
             let record = self.read_record(&volume).await;
             self.wipe(id, record.as_ref()).await?;
         }
-        rename(&previous, &volume)
+        self.move_volume(&previous, &volume).await
     }
 
     /// Removes what an interrupted copy, fork or receive of the instance left.
     pub(super) async fn clear_staging(&self, id: &InstanceId) -> Result<()> {
+        if let Some(ebs) = &self.ebs {
+            self.discard(&self.staging(id)).await?;
+            return self.delete_fork_snapshots(ebs, id).await;
+        }
         let Ok(btrfs) = &self.btrfs else {
             return Ok(());
         };
@@ -399,6 +438,37 @@ impl LocalInfrastructure {
         self.btrfs
             .as_ref()
             .map_err(|reason| Error::Invalid(format!("{reason}; snapshot plans need it")))
+    }
+
+    fn require_shipping(&self) -> Result<&Btrfs> {
+        if self.ebs.is_some() {
+            return Err(Error::Invalid(
+                "EBS snapshots are not shipped: EC2 keeps them off this host already".to_owned(),
+            ));
+        }
+        self.require_btrfs()
+    }
+
+    /// The EBS volumes when `snapshot` is an EBS snapshot; `None` for any other.
+    fn ebs_for(&self, snapshot: &SnapshotRef) -> Result<Option<&ebs::EbsVolumes>> {
+        if snapshot.provider != ebs::PROVIDER {
+            return Ok(None);
+        }
+        self.ebs.as_ref().map(Some).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} is an EBS snapshot, and this host's volumes are not EBS volumes",
+                shown(&snapshot.id)
+            ))
+        })
+    }
+
+    /// What a copy of `snapshot` is made from here.
+    fn copy_source(&self, snapshot: &SnapshotRef) -> Result<CopySource> {
+        if self.ebs_for(snapshot)?.is_some() {
+            return Ok(CopySource::Ebs(snapshot.clone()));
+        }
+        self.require_btrfs()?;
+        Ok(CopySource::Subvolume(self.resolve(snapshot)?.1))
     }
 
     fn snapshot_path(&self, id: &InstanceId, backup: &BackupId) -> PathBuf {
@@ -473,17 +543,24 @@ impl LocalInfrastructure {
     /// Refuses a snapshot that is missing or holds another engine or major version than
     /// `spec` (a physical copy runs only on the version that wrote it).
     async fn check_copy(&self, path: &Path, spec: &InstanceSpec) -> Result<()> {
-        let record = self.copy_record(path).await?;
+        self.copy_record(path).await?;
+        self.check_record(path, &path.display().to_string(), spec)
+            .await
+    }
+
+    /// Refuses the copy at `path` of snapshot `name` when its record is missing or names
+    /// another engine or major version than `spec`.
+    async fn check_record(&self, path: &Path, name: &str, spec: &InstanceSpec) -> Result<()> {
+        let record = self
+            .read_record(path)
+            .await
+            .ok_or_else(|| Error::Invalid(format!("the snapshot {name} holds no volume record")))?;
         if record.engine == spec.engine && record.version == spec.version {
             Ok(())
         } else {
             Err(Error::Invalid(format!(
-                "the snapshot {} holds {} {}, not {} {}",
-                path.display(),
-                record.engine,
-                record.version,
-                spec.engine,
-                spec.version
+                "the snapshot {name} holds {} {}, not {} {}",
+                record.engine, record.version, spec.engine, spec.version
             )))
         }
     }
@@ -520,8 +597,7 @@ impl LocalInfrastructure {
     /// received from another host carries that host's user IDs), and its record.
     async fn stage_copy(
         &self,
-        btrfs: &Btrfs,
-        source: &Path,
+        source: &CopySource,
         staging: &Path,
         spec: &InstanceSpec,
         state: VolumeState,
@@ -530,8 +606,17 @@ impl LocalInfrastructure {
         if let Some(parent) = staging.parent() {
             private_dirs(parent)?;
         }
-        btrfs.snapshot(source, staging, false).await?;
+        match source {
+            CopySource::Subvolume(path) => {
+                self.check_copy(path, spec).await?;
+                self.require_btrfs()?.snapshot(path, staging, false).await?;
+            }
+            CopySource::Ebs(snapshot) => self.stage_ebs_copy(snapshot, staging, spec).await?,
+        }
         let prepared = async {
+            if let CopySource::Ebs(snapshot) = source {
+                self.check_record(staging, &snapshot.id, spec).await?;
+            }
             hand_over(staging, self.run_as.as_ref()).await?;
             let record = VolumeRecord {
                 engine: spec.engine,
@@ -742,7 +827,7 @@ async fn hand_over(dir: &Path, run_as: Option<&host::RunAs>) -> Result<()> {
 }
 
 /// Creates `dir` and its missing parents, mode 0700, for the broker alone.
-fn private_dirs(dir: &Path) -> Result<()> {
+pub(super) fn private_dirs(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -751,7 +836,7 @@ fn private_dirs(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))
 }
 
-fn exists(path: &Path) -> Result<bool> {
+pub(super) fn exists(path: &Path) -> Result<bool> {
     match std::fs::symlink_metadata(path) {
         Ok(_) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -760,7 +845,7 @@ fn exists(path: &Path) -> Result<bool> {
 }
 
 /// Renames `from` to `to` durably (both directories synced).
-fn rename(from: &Path, to: &Path) -> Result<()> {
+pub(super) fn rename(from: &Path, to: &Path) -> Result<()> {
     std::fs::rename(from, to).map_err(|e| {
         Error::io(
             format!("renaming {} to {}", from.display(), to.display()),
