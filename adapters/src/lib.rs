@@ -11,7 +11,6 @@ pub mod error;
 pub mod ids;
 pub mod infrastructure;
 pub mod keys;
-#[cfg(feature = "ebs")]
 pub mod snapshot;
 pub mod storage;
 

@@ -19,3 +19,4 @@ mod osb;
 mod replicas;
 mod secrets;
 mod snapshots;
+mod snapshots_ebs;

@@ -520,16 +520,13 @@ fn mount_source(path: &Path) -> Result<Option<PathBuf>> {
         .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
     let wanted = path.to_string_lossy();
     // The last mount at a path hides the earlier ones.
-    Ok(table
-        .lines()
-        .rev()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let separator = fields.iter().position(|f| *f == "-")?;
-            let mount_point = unescape(fields.get(4)?);
-            let source = unescape(fields.get(separator + 2)?);
-            (mount_point == wanted).then(|| PathBuf::from(source))
-        }))
+    Ok(table.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let separator = fields.iter().position(|f| *f == "-")?;
+        let mount_point = unescape(fields.get(4)?);
+        let source = unescape(fields.get(separator + 2)?);
+        (mount_point == wanted).then(|| PathBuf::from(source))
+    }))
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).

@@ -54,10 +54,12 @@ const FORKS_DIR: &str = "@forks";
 const RECEIVING_DIR: &str = "@receiving";
 /// [`SnapshotRef::provider`] of these snapshots.
 const PROVIDER: &str = "btrfs";
-/// [`SourceInfo::strategy`] of snapshots, and the formats of one kept here and of one
-/// shipped.
+/// [`SourceInfo::strategy`] of snapshots, and the formats of one kept here (a btrfs
+/// subvolume or an EBS snapshot) and of one shipped.
 const STRATEGY: &str = "snapshot";
 const SUBVOLUME_FORMAT: &str = "btrfs-subvolume";
+/// The format of an EBS snapshot's backup.
+const EBS_FORMAT: &str = "ebs-snapshot";
 const SEND_FORMAT: &str = "btrfs-send";
 
 /// What a copy (a clone, a fork, an in-place restore) is made from.
@@ -673,7 +675,12 @@ impl Source for SnapshotSource {
             strategy: STRATEGY.to_owned(),
             engine: self.spec.engine.as_str().to_owned(),
             engine_version: Some(self.spec.version.clone()),
-            format: SUBVOLUME_FORMAT.to_owned(),
+            format: if self.infrastructure.ebs.is_some() {
+                EBS_FORMAT
+            } else {
+                SUBVOLUME_FORMAT
+            }
+            .to_owned(),
             details: BTreeMap::new(),
         }
     }
