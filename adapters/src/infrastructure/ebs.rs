@@ -169,16 +169,25 @@ impl EbsVolumes {
     /// shows it.
     ///
     /// # Errors
-    /// [`Error::Cloud`] when EC2 refuses, [`Error::Timeout`] when the attachment or the
-    /// device does not come.
+    /// [`Error::Invalid`] for a volume attached to another instance; [`Error::Cloud`]
+    /// when EC2 refuses, [`Error::Timeout`] when the attachment or the device does not
+    /// come.
     pub async fn attach(&self, volume_id: &str) -> Result<PathBuf> {
         check_id("volume", "vol-", volume_id)?;
         let volume = describe_volume(self.client(), volume_id).await?;
-        let attached_here = volume
+        let attached_to: Vec<&str> = volume
             .attachments()
             .iter()
-            .any(|a| a.instance_id() == Some(self.instance_id.as_str()));
-        if !attached_here {
+            .filter_map(|a| a.instance_id())
+            .collect();
+        // EC2 refuses it too; never rely on that for a volume with data on it.
+        if let Some(other) = attached_to.iter().find(|i| **i != self.instance_id) {
+            return Err(Error::Invalid(format!(
+                "EBS volume {volume_id} is attached to EC2 instance {other}, not to this host ({})",
+                self.instance_id
+            )));
+        }
+        if attached_to.is_empty() {
             let _one_at_a_time = self.attaching.lock().await;
             let mut tries = 0;
             loop {
@@ -242,6 +251,18 @@ impl EbsVolumes {
     /// [`Error::Cloud`] or [`Error::Timeout`] from EC2.
     pub async fn detach(&self, volume_id: &str) -> Result<()> {
         check_id("volume", "vol-", volume_id)?;
+        let volume = match describe_volume(self.client(), volume_id).await {
+            Ok(volume) => volume,
+            Err(Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let attached_here = volume
+            .attachments()
+            .iter()
+            .any(|a| a.instance_id() == Some(self.instance_id.as_str()));
+        if !attached_here {
+            return Ok(());
+        }
         let detached = self
             .client()
             .detach_volume()
@@ -249,17 +270,12 @@ impl EbsVolumes {
             .instance_id(&self.instance_id)
             .send()
             .await;
-        match detached {
+        match detached
+            .map_err(|e| ec2_error(e, "DetachVolume", volume_id, "InvalidVolume.NotFound"))
+        {
             Ok(_) => {}
-            Err(e) => match ec2_error(e, "DetachVolume", volume_id, "InvalidVolume.NotFound") {
-                Error::NotFound { .. } => return Ok(()),
-                // "IncorrectState: ... is in the 'available' state": not attached.
-                Error::Cloud { message, .. } if message.contains("available") => return Ok(()),
-                Error::Cloud { message, .. } if message.contains("InvalidAttachment.NotFound") => {
-                    return Ok(());
-                }
-                other => return Err(other),
-            },
+            Err(Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
         }
         self.snapshots
             .wait(

@@ -388,3 +388,114 @@ async fn a_snapshot_that_cannot_be_restored_leaves_the_instance_as_it_was() -> R
     infra.delete_snapshot(&snapshot).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_host_restart_the_instance_mounts_its_volume_again() -> Result<()> {
+    let fixture = EbsFixture::new();
+    let host = fixture.host('a').await;
+    let infra = fixture.infrastructure("instances", &host);
+    let spec = fixture.spec("restarted");
+    infra.provision(&spec).await?;
+    populate(&infra.create_credentials(&spec, &binding("app")).await?).await?;
+    let data = fingerprint(&admin(&infra, &spec).await).await;
+
+    // A restart: the server dies with the host, the mount is gone, the volume stays
+    // attached.
+    let volume = fixture.root("instances").join(spec.id.as_str());
+    for pid in host::processes_in(&volume) {
+        host::signal(pid, Signal::SIGKILL)?;
+    }
+    host::wait_gone(
+        &host::processes_in(&volume),
+        "the server",
+        std::time::Duration::from_secs(10),
+    )
+    .await?;
+    let unmounted = std::process::Command::new("umount").arg(&volume).status()?;
+    assert!(unmounted.success());
+    assert!(!infra.is_healthy(&spec).await?);
+
+    // Another host never takes the volume over while it is attached here.
+    let elsewhere = fixture.infrastructure("instances", &fixture.host('a').await);
+    assert!(elsewhere.ensure_running(&spec).await.is_err());
+    assert!(!is_mount_point(&volume)?);
+    // This host, restarted, mounts it again.
+    let restarted = fixture.infrastructure("instances", &host);
+    restarted.ensure_running(&spec).await?;
+    assert!(is_mount_point(&volume)?);
+    // A sequence jumps ahead after a crash (PostgreSQL logs values in advance); the rest
+    // is as it was.
+    let without_sequences = |print: Vec<(String, String)>| {
+        print
+            .into_iter()
+            .filter(|(part, _)| part != "sequence")
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        without_sequences(fingerprint(&admin(&infra, &spec).await).await),
+        without_sequences(data)
+    );
+    infra.deprovision(&spec.id).await?;
+    assert_eq!(fixture.volumes_of(&spec).await, vec![]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provision_ec2_refuses_fails_clearly_and_leaves_nothing() -> Result<()> {
+    let fixture = EbsFixture::new();
+    let host = fixture.host('a').await;
+    let root = fixture.root("instances");
+    // EC2 unreachable: a port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let unreachable = LocalInfrastructure::new(LocalConfig {
+        run_as: nix::unistd::Uid::effective()
+            .is_root()
+            .then(|| "postgres".to_owned()),
+        ebs: Some(EbsHostConfig {
+            ec2: phoenix_adapters::snapshot::ebs::EbsConfig {
+                endpoint: Some(format!("http://127.0.0.1:{closed}")),
+                ..fixture.testbed.config(fast_poll())
+            },
+            instance_id: host.instance_id.clone(),
+            availability_zone: host.zone.clone(),
+            device_dir: env("PHOENIX_TEST_EBS_DEVICE_DIR").into(),
+            volume_size_gib: 1,
+            volume_type: "gp3".to_owned(),
+        }),
+        ..LocalConfig::new(&root)
+    })?;
+    let spec = fixture.spec("unreachable");
+    let refused = unreachable.provision(&spec).await;
+    assert!(
+        matches!(&refused, Err(e @ Error::Cloud { .. }) if e.is_retryable() && e.to_string().contains("cannot reach EC2")),
+        "{refused:?}"
+    );
+    assert!(
+        !root.join(spec.id.as_str()).exists(),
+        "a failed provision left its volume directory"
+    );
+
+    // An instance EC2 does not run: AttachVolume is refused, and the volume made for
+    // the provision is deleted again.
+    let homeless = fixture.infrastructure(
+        "instances",
+        &Host {
+            instance_id: "i-0123456789abcdef0".to_owned(),
+            zone: host.zone.clone(),
+        },
+    );
+    let refused = homeless.provision(&spec).await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("AttachVolume")),
+        "{refused:?}"
+    );
+    assert!(!root.join(spec.id.as_str()).exists());
+    assert_eq!(
+        fixture.volumes_of(&spec).await,
+        vec![],
+        "a failed provision left its EBS volume"
+    );
+    Ok(())
+}
