@@ -10,7 +10,8 @@ request through unchanged, and does what the hypervisor would do once moto said 
                   (a reflink clone on btrfs is atomic: the copy is crash-consistent, as an
                   EBS snapshot is)
   AttachVolume    a loop device on the image, linked where a Nitro host shows an EBS
-                  volume: <devices>/nvme-Amazon_Elastic_Block_Store_vol<hex>
+                  volume: <devices>/nvme-Amazon_Elastic_Block_Store_vol<hex>; a volume
+                  attached already is refused (VolumeInUse), as EC2 does and moto does not
   DetachVolume    the link and the loop device removed
   DeleteVolume,   the image removed
   DeleteSnapshot
@@ -124,6 +125,13 @@ class Proxy(BaseHTTPRequestHandler):
     def forward(self):
         length = int(self.headers.get("Content-Length") or 0)
         request_body = self.rfile.read(length)
+        params = {k: v[0] for k, v in urllib.parse.parse_qs(request_body.decode()).items()}
+        params.update({k: v[0] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()})
+        if params.get("Action") == "AttachVolume" and os.path.lexists(device_link(params.get("VolumeId", ""))):
+            # EC2 refuses a second attachment; moto does not.
+            return self.answer(400, {"Content-Type": "text/xml"}, b"<Response><Errors><Error><Code>VolumeInUse</Code><Message>"
+                               + params["VolumeId"].encode() + b" is already attached to an instance"
+                               b"</Message></Error></Errors><RequestID>testbed</RequestID></Response>")
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
         request = urllib.request.Request(
             MOTO + self.path, data=request_body or None, headers=headers, method=self.command
@@ -133,8 +141,6 @@ class Proxy(BaseHTTPRequestHandler):
                 status, answer_headers, body = answer.status, answer.headers, answer.read()
         except urllib.error.HTTPError as refused:
             status, answer_headers, body = refused.code, refused.headers, refused.read()
-        params = {k: v[0] for k, v in urllib.parse.parse_qs(request_body.decode()).items()}
-        params.update({k: v[0] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()})
         effect = EFFECTS.get(params.get("Action"))
         if effect and status == 200:
             try:
@@ -144,6 +150,9 @@ class Proxy(BaseHTTPRequestHandler):
                 log(f"{params.get('Action')} failed on the host: {failed}")
                 status, body = 500, b"<Response><Errors><Error><Code>InternalError</Code>" \
                     b"<Message>the testbed hypervisor failed</Message></Error></Errors></Response>"
+        self.answer(status, answer_headers, body)
+
+    def answer(self, status, answer_headers, body):
         self.send_response(status)
         for key, value in answer_headers.items():
             if key.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
