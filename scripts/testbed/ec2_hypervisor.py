@@ -12,7 +12,8 @@ request through unchanged, and does what the hypervisor would do once moto said 
   AttachVolume    a loop device on the image, linked where a Nitro host shows an EBS
                   volume: <devices>/nvme-Amazon_Elastic_Block_Store_vol<hex>; a volume
                   attached already is refused (VolumeInUse), as EC2 does and moto does not
-  DetachVolume    the link and the loop device removed
+  DetachVolume    the link and the loop device removed; a volume still mounted is refused
+                  (EC2 would detach it, losing the file system's writes)
   DeleteVolume,   the image removed
   DeleteSnapshot
 
@@ -88,14 +89,22 @@ def attach_volume(params, _body):
     log(f"AttachVolume {volume} as {loop}")
 
 
+def mounted(params):
+    """Whether the volume's loop device is mounted: detaching it would lose writes."""
+    link = device_link(params.get("VolumeId", ""))
+    if not os.path.lexists(link):
+        return False
+    found = subprocess.run(["findmnt", "-rn", "-S", os.readlink(link)], capture_output=True)
+    return found.returncode == 0
+
+
 def detach_volume(params, _body):
     volume = params["VolumeId"]
     link = device_link(volume)
     if os.path.lexists(link):
         loop = os.readlink(link)
         os.unlink(link)
-        # A loop device still mounted is detached when it is unmounted (autoclear).
-        subprocess.run(["losetup", "--detach", loop], check=False)
+        subprocess.run(["losetup", "--detach", loop], check=True)
         log(f"DetachVolume {volume} from {loop}")
 
 
@@ -127,6 +136,11 @@ class Proxy(BaseHTTPRequestHandler):
         request_body = self.rfile.read(length)
         params = {k: v[0] for k, v in urllib.parse.parse_qs(request_body.decode()).items()}
         params.update({k: v[0] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()})
+        if params.get("Action") == "DetachVolume" and mounted(params):
+            # EC2 would detach it and the file system would lose its writes: a test fails.
+            return self.answer(400, {"Content-Type": "text/xml"}, b"<Response><Errors><Error>"
+                               b"<Code>TestbedVolumeMounted</Code><Message>the volume is mounted"
+                               b"</Message></Error></Errors><RequestID>testbed</RequestID></Response>")
         if params.get("Action") == "AttachVolume" and os.path.lexists(device_link(params.get("VolumeId", ""))):
             # EC2 refuses a second attachment; moto does not.
             return self.answer(400, {"Content-Type": "text/xml"}, b"<Response><Errors><Error><Code>VolumeInUse</Code><Message>"

@@ -13,7 +13,12 @@
 //!
 //! **What is tagged.** Every volume made for an instance carries [`TAG_INSTANCE`] with
 //! its ID, so that a deprovision, or a provision redone after a crash, finds and deletes
-//! what an interrupted call left on EC2, mounted or not.
+//! what an interrupted call left on EC2 (a volume still mounted here is never detached).
+//!
+//! **Mounts.** The root of the volumes is made a private mount of its own
+//! ([`make_private_mount`]): the kernel refuses to move a mount (`mount --move`, how a
+//! restored volume takes the live one's place atomically) out of a shared parent, and
+//! systemd mounts `/` shared.
 //!
 //! Tools (`mkfs.ext4`, `mount`, `umount`, `blkid`) run as the broker's own user (root),
 //! never through a shell, with an empty environment.
@@ -39,6 +44,7 @@ const NITRO_LINK_PREFIX: &str = "nvme-Amazon_Elastic_Block_Store_vol";
 /// How long an attached volume's block device may take to show up.
 const DEVICE_WITHIN: Duration = Duration::from_secs(60);
 /// The device names AttachVolume is given; EC2 wants one that is free on the instance.
+/// They bound a host to 21 volumes at once.
 const DEVICE_NAMES: std::ops::RangeInclusive<char> = 'f'..='z';
 const TOOL_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 
@@ -251,6 +257,14 @@ impl EbsVolumes {
     /// [`Error::Cloud`] or [`Error::Timeout`] from EC2.
     pub async fn detach(&self, volume_id: &str) -> Result<()> {
         check_id("volume", "vol-", volume_id)?;
+        if let Ok(device) = std::fs::canonicalize(self.device_link(volume_id))
+            && let Some(mount_point) = mount_point_of(&device)?
+        {
+            return Err(Error::Invalid(format!(
+                "EBS volume {volume_id} is mounted at {}: it is not detached",
+                mount_point.display()
+            )));
+        }
         let volume = match describe_volume(self.client(), volume_id).await {
             Ok(volume) => volume,
             Err(Error::NotFound { .. }) => return Ok(()),
@@ -520,6 +534,52 @@ impl EbsVolumes {
                 ))
             })
     }
+}
+
+/// Makes `root` a mount point of its own with private propagation (a bind mount of
+/// itself, unless it is a mount point already), so that mounts under it can be moved.
+///
+/// # Errors
+/// When `mount` fails (the broker must run as root to manage EBS volumes).
+pub fn make_private_mount(root: &Path) -> Result<()> {
+    let run = |args: &[&std::ffi::OsStr]| -> Result<()> {
+        let program = TOOL_DIRS
+            .iter()
+            .map(|dir| Path::new(dir).join("mount"))
+            .find(|path| path.is_file())
+            .ok_or_else(|| Error::Invalid("mount is not installed (util-linux)".to_owned()))?;
+        let output = std::process::Command::new(program)
+            .args(args)
+            .env_clear()
+            .output()
+            .map_err(|e| Error::io("running mount", e))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "mount {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )))
+        }
+    };
+    if !is_mount_point(root)? {
+        run(&["--bind".as_ref(), root.as_os_str(), root.as_os_str()])?;
+    }
+    run(&["--make-private".as_ref(), root.as_os_str()])
+}
+
+/// Where `device` is mounted, if anywhere.
+fn mount_point_of(device: &Path) -> Result<Option<PathBuf>> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+    Ok(table.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let separator = fields.iter().position(|f| *f == "-")?;
+        let source = unescape(fields.get(separator + 2)?);
+        let mounted = std::fs::canonicalize(&source).ok()?;
+        let mount_point = unescape(fields.get(4)?);
+        (mounted == device).then(|| PathBuf::from(mount_point))
+    }))
 }
 
 /// Whether `path` is a mount point.

@@ -220,6 +220,9 @@ impl LocalInfrastructure {
             host::check_reachable(&root, user)?;
         }
         let ebs = config.ebs.map(EbsVolumes::new).transpose()?;
+        if ebs.is_some() {
+            super::ebs::make_private_mount(&root)?;
+        }
         let btrfs = if ebs.is_some() {
             info!(root = %root.display(), "Volumes are EBS volumes; snapshots are EBS snapshots.");
             Err("the volumes here are EBS volumes".to_owned())
@@ -288,6 +291,9 @@ impl LocalInfrastructure {
                     self.wipe(&spec.id, record.as_ref()).await?;
                 }
                 if let Some(ebs) = &self.ebs {
+                    // A copy staged by an interrupted clone is unmounted first (a fork's
+                    // source snapshot stays: this provision may be the fork).
+                    self.discard(&self.staging(&spec.id)).await?;
                     ebs.delete_all_of(&spec.id, None).await?;
                 }
             }
@@ -307,7 +313,11 @@ impl LocalInfrastructure {
                 if let Err(cleanup) = self.wipe(&spec.id, record.as_ref()).await {
                     warn!(instance_id = %spec.id, error = %cleanup, "Removing the failed volume failed.");
                 } else if let Some(ebs) = &self.ebs
-                    && let Err(cleanup) = ebs.delete_all_of(&spec.id, None).await
+                    && let Err(cleanup) = async {
+                        self.discard(&self.staging(&spec.id)).await?;
+                        ebs.delete_all_of(&spec.id, None).await
+                    }
+                    .await
                 {
                     warn!(instance_id = %spec.id, error = %cleanup, "Deleting the failed EBS volume failed; a retry or deprovision deletes it.");
                 }

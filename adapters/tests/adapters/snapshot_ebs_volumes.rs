@@ -57,6 +57,19 @@ impl EbsFixture {
             .tempdir()
             .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        // Shared, as systemd mounts `/`: a mount cannot be moved out of a shared parent,
+        // which the infrastructure must handle.
+        let path = dir.path().as_os_str();
+        for args in [
+            vec!["--bind".as_ref(), path, path],
+            vec!["--make-shared".as_ref(), path],
+        ] {
+            let status = std::process::Command::new("mount")
+                .args(&args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "mount {args:?}");
+        }
         let unique = unique_prefix().trim_end_matches('/').to_owned();
         Self {
             dir,
@@ -419,6 +432,16 @@ async fn after_a_host_restart_the_instance_mounts_its_volume_again() -> Result<(
     let elsewhere = fixture.infrastructure("instances", &fixture.host('a').await);
     assert!(elsewhere.ensure_running(&spec).await.is_err());
     assert!(!is_mount_point(&volume)?);
+    let [(volume_id, _)] = <[_; 1]>::try_from(fixture.volumes_of(&spec).await).unwrap();
+    let attached: Vec<String> = fixture
+        .testbed
+        .describe_volume(&volume_id)
+        .await
+        .attachments()
+        .iter()
+        .map(|a| a.instance_id().unwrap().to_owned())
+        .collect();
+    assert_eq!(attached, std::slice::from_ref(&host.instance_id));
     // This host, restarted, mounts it again.
     let restarted = fixture.infrastructure("instances", &host);
     restarted.ensure_running(&spec).await?;

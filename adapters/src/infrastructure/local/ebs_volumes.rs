@@ -67,6 +67,8 @@ impl LocalInfrastructure {
             instance_id: spec.id.clone(),
             backup_id: BackupId::parse(FORK_BACKUP)?,
         };
+        // One an interrupted attempt left holds the source as it was then.
+        self.delete_fork_snapshots(ebs, &spec.id).await?;
         let snapshot_id = self.start_ebs_snapshot(ebs, source, &tags).await?;
         let snapshot = ebs.snapshots().complete(&snapshot_id, &tags).await?;
         let forked = self

@@ -72,8 +72,9 @@ pub(super) enum CopySource {
 }
 
 impl LocalInfrastructure {
-    /// Whether snapshot plans can run here: the root is on btrfs and the btrfs tool is
-    /// installed. The broker refuses a snapshot plan at provision time otherwise.
+    /// Whether snapshot plans can run here: volumes are EBS volumes, or the root is on
+    /// btrfs and the btrfs tool is installed. The broker refuses a snapshot plan at
+    /// provision time otherwise.
     pub fn supports_snapshots(&self) -> bool {
         self.btrfs.is_ok() || self.ebs.is_some()
     }
@@ -191,6 +192,11 @@ impl LocalInfrastructure {
         let server = self.server(spec)?;
         let _guard = self.lock(&spec.id).await?;
         let record = self.require_ready(&server, spec).await?;
+        // A btrfs snapshot is checked before the live server is touched; an EBS one can
+        // be read only once a volume is made from it (in stage_copy).
+        if let CopySource::Subvolume(path) = &source {
+            self.check_copy(path, spec).await?;
+        }
         // The live server must answer: its bindings' logins go into the copy.
         self.converge(engine, &server, spec, &record).await?;
         let logins = engine.binding_logins(&server).await?;
@@ -401,6 +407,7 @@ impl LocalInfrastructure {
 
     /// Puts back the live volume an interrupted in-place restore set aside; whatever
     /// stands at the volume path then is the copy, never completely adopted. One `stat`
+    /// (with EBS volumes, one read of the mount table)
     /// when there is nothing to put back. Called under the instance's lock by every call
     /// that needs its volume.
     pub(super) async fn recover_interrupted_restore(&self, id: &InstanceId) -> Result<()> {
@@ -445,7 +452,9 @@ impl LocalInfrastructure {
     fn require_shipping(&self) -> Result<&Btrfs> {
         if self.ebs.is_some() {
             return Err(Error::Invalid(
-                "EBS snapshots are not shipped: EC2 keeps them off this host already".to_owned(),
+                "the volumes here are EBS volumes: their snapshots are not shipped (EC2 keeps \
+                 them off this host already), and shipped btrfs snapshots cannot be received"
+                    .to_owned(),
             ));
         }
         self.require_btrfs()
@@ -480,7 +489,7 @@ impl LocalInfrastructure {
             .join(backup.as_str())
     }
 
-    fn staging(&self, id: &InstanceId) -> PathBuf {
+    pub(super) fn staging(&self, id: &InstanceId) -> PathBuf {
         self.root.join(STAGING_DIR).join(id.as_str())
     }
 
