@@ -543,12 +543,7 @@ impl EbsVolumes {
 /// When `mount` fails (the broker must run as root to manage EBS volumes).
 pub fn make_private_mount(root: &Path) -> Result<()> {
     let run = |args: &[&std::ffi::OsStr]| -> Result<()> {
-        let program = TOOL_DIRS
-            .iter()
-            .map(|dir| Path::new(dir).join("mount"))
-            .find(|path| path.is_file())
-            .ok_or_else(|| Error::Invalid("mount is not installed (util-linux)".to_owned()))?;
-        let output = std::process::Command::new(program)
+        let output = std::process::Command::new(tool("mount")?)
             .args(args)
             .env_clear()
             .output()
@@ -570,16 +565,10 @@ pub fn make_private_mount(root: &Path) -> Result<()> {
 
 /// Where `device` is mounted, if anywhere.
 fn mount_point_of(device: &Path) -> Result<Option<PathBuf>> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
-    Ok(table.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let separator = fields.iter().position(|f| *f == "-")?;
-        let source = unescape(fields.get(separator + 2)?);
-        let mounted = std::fs::canonicalize(&source).ok()?;
-        let mount_point = unescape(fields.get(4)?);
-        (mounted == device).then(|| PathBuf::from(mount_point))
-    }))
+    Ok(mounts()?
+        .into_iter()
+        .find(|(_, source)| std::fs::canonicalize(source).is_ok_and(|d| d == device))
+        .map(|(mount_point, _)| mount_point))
 }
 
 /// Whether `path` is a mount point.
@@ -590,19 +579,30 @@ pub fn is_mount_point(path: &Path) -> Result<bool> {
     Ok(mount_source(path)?.is_some())
 }
 
-/// The source (device) of the mount at exactly `path`, from `/proc/self/mountinfo`.
+/// The source (device) of the mount at exactly `path`.
 fn mount_source(path: &Path) -> Result<Option<PathBuf>> {
+    // The last mount at a path hides the earlier ones.
+    Ok(mounts()?
+        .into_iter()
+        .rev()
+        .find(|(mount_point, _)| mount_point == path)
+        .map(|(_, source)| source))
+}
+
+/// `(mount point, source)` of every mount, in mount order, from `/proc/self/mountinfo`.
+fn mounts() -> Result<Vec<(PathBuf, PathBuf)>> {
     let table = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
-    let wanted = path.to_string_lossy();
-    // The last mount at a path hides the earlier ones.
-    Ok(table.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let separator = fields.iter().position(|f| *f == "-")?;
-        let mount_point = unescape(fields.get(4)?);
-        let source = unescape(fields.get(separator + 2)?);
-        (mount_point == wanted).then(|| PathBuf::from(source))
-    }))
+    Ok(table
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let separator = fields.iter().position(|f| *f == "-")?;
+            let mount_point = unescape(fields.get(4)?);
+            let source = unescape(fields.get(separator + 2)?);
+            Some((PathBuf::from(mount_point), PathBuf::from(source)))
+        })
+        .collect())
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).
@@ -637,16 +637,18 @@ fn tool_command<'a>(
     name: &str,
     args: impl IntoIterator<Item = &'a std::ffi::OsStr>,
 ) -> Result<tokio::process::Command> {
-    let program = TOOL_DIRS
+    let mut cmd = host::command(&tool(name)?, None, Path::new("/"));
+    cmd.args(args);
+    Ok(cmd)
+}
+
+/// The system tool `name`, from the standard directories.
+fn tool(name: &str) -> Result<PathBuf> {
+    TOOL_DIRS
         .iter()
         .map(|dir| Path::new(dir).join(name))
         .find(|path| path.is_file())
-        .ok_or_else(|| {
-            Error::Invalid(format!("{name} is not installed (util-linux, e2fsprogs)"))
-        })?;
-    let mut cmd = host::command(&program, None, Path::new("/"));
-    cmd.args(args);
-    Ok(cmd)
+        .ok_or_else(|| Error::Invalid(format!("{name} is not installed (util-linux, e2fsprogs)")))
 }
 
 #[cfg(test)]

@@ -290,12 +290,7 @@ impl LocalInfrastructure {
                     warn!(instance_id = %spec.id, "Wiping a half-initialised volume.");
                     self.wipe(&spec.id, record.as_ref()).await?;
                 }
-                if let Some(ebs) = &self.ebs {
-                    // A copy staged by an interrupted clone is unmounted first (a fork's
-                    // source snapshot stays: this provision may be the fork).
-                    self.discard(&self.staging(&spec.id)).await?;
-                    ebs.delete_all_of(&spec.id, None).await?;
-                }
+                self.delete_ebs_leftovers(&spec.id).await?;
             }
         }
         let created = match copy_of {
@@ -312,13 +307,7 @@ impl LocalInfrastructure {
                 let record = self.read_record(&server.volume).await;
                 if let Err(cleanup) = self.wipe(&spec.id, record.as_ref()).await {
                     warn!(instance_id = %spec.id, error = %cleanup, "Removing the failed volume failed.");
-                } else if let Some(ebs) = &self.ebs
-                    && let Err(cleanup) = async {
-                        self.discard(&self.staging(&spec.id)).await?;
-                        ebs.delete_all_of(&spec.id, None).await
-                    }
-                    .await
-                {
+                } else if let Err(cleanup) = self.delete_ebs_leftovers(&spec.id).await {
                     warn!(instance_id = %spec.id, error = %cleanup, "Deleting the failed EBS volume failed; a retry or deprovision deletes it.");
                 }
                 Err(e)

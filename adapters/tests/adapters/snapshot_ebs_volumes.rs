@@ -104,11 +104,19 @@ impl EbsFixture {
 
     /// An infrastructure over `<fixture>/<name>` on `host`.
     fn infrastructure(&self, name: &str, host: &Host) -> LocalInfrastructure {
+        self.infrastructure_through(name, host, env("PHOENIX_TEST_EBS_ENDPOINT"))
+    }
+
+    /// An infrastructure over `<fixture>/<name>` on `host`, reaching EC2 at `endpoint`.
+    fn infrastructure_through(
+        &self,
+        name: &str,
+        host: &Host,
+        endpoint: String,
+    ) -> LocalInfrastructure {
         let run_as = nix::unistd::Uid::effective()
             .is_root()
             .then(|| "postgres".to_owned());
-        let endpoint = env("PHOENIX_TEST_EBS_ENDPOINT");
-        let device_dir = env("PHOENIX_TEST_EBS_DEVICE_DIR");
         LocalInfrastructure::new(LocalConfig {
             run_as,
             ebs: Some(EbsHostConfig {
@@ -118,7 +126,7 @@ impl EbsFixture {
                 },
                 instance_id: host.instance_id.clone(),
                 availability_zone: host.zone.clone(),
-                device_dir: device_dir.into(),
+                device_dir: env("PHOENIX_TEST_EBS_DEVICE_DIR").into(),
                 volume_size_gib: 1,
                 volume_type: "gp3".to_owned(),
             }),
@@ -472,23 +480,8 @@ async fn a_provision_ec2_refuses_fails_clearly_and_leaves_nothing() -> Result<()
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let unreachable = LocalInfrastructure::new(LocalConfig {
-        run_as: nix::unistd::Uid::effective()
-            .is_root()
-            .then(|| "postgres".to_owned()),
-        ebs: Some(EbsHostConfig {
-            ec2: phoenix_adapters::snapshot::ebs::EbsConfig {
-                endpoint: Some(format!("http://127.0.0.1:{closed}")),
-                ..fixture.testbed.config(fast_poll())
-            },
-            instance_id: host.instance_id.clone(),
-            availability_zone: host.zone.clone(),
-            device_dir: env("PHOENIX_TEST_EBS_DEVICE_DIR").into(),
-            volume_size_gib: 1,
-            volume_type: "gp3".to_owned(),
-        }),
-        ..LocalConfig::new(&root)
-    })?;
+    let unreachable =
+        fixture.infrastructure_through("instances", &host, format!("http://127.0.0.1:{closed}"));
     let spec = fixture.spec("unreachable");
     let refused = unreachable.provision(&spec).await;
     assert!(

@@ -144,15 +144,26 @@ impl LocalInfrastructure {
     /// Unmounts the volume at `path`, removes the directory, detaches the volume and
     /// deletes it.
     pub(super) async fn discard_ebs_volume(&self, ebs: &EbsVolumes, path: &Path) -> Result<()> {
-        let volume_id = ebs.mounted_volume(path)?;
+        let volume_id = ebs.mounted_volume(path)?.ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} holds a mount that is no EBS volume of this host: it is left alone",
+                path.display()
+            ))
+        })?;
         host::kill_processes_in(path).await?;
         ebs.unmount(path).await?;
         remove_empty_dir(path)?;
-        if let Some(volume_id) = volume_id {
-            ebs.detach(&volume_id).await?;
-            ebs.delete(&volume_id).await?;
-        }
-        Ok(())
+        ebs.detach(&volume_id).await?;
+        ebs.delete(&volume_id).await
+    }
+
+    /// Deletes what an interrupted or failed provision of `id` left on EC2: a staged
+    /// copy's volume (unmounted first) and every volume tagged with the instance. A
+    /// fork's source snapshot stays: this provision may be the fork.
+    pub(super) async fn delete_ebs_leftovers(&self, id: &InstanceId) -> Result<()> {
+        let Some(ebs) = &self.ebs else { return Ok(()) };
+        self.discard(&self.staging(id)).await?;
+        ebs.delete_all_of(id, None).await
     }
 
     /// Whether a volume stands at `path`: an EBS volume is mounted there (an empty

@@ -406,16 +406,13 @@ impl LocalInfrastructure {
     }
 
     /// Puts back the live volume an interrupted in-place restore set aside; whatever
-    /// stands at the volume path then is the copy, never completely adopted. One `stat`
-    /// (with EBS volumes, one read of the mount table)
-    /// when there is nothing to put back. Called under the instance's lock by every call
-    /// that needs its volume.
+    /// stands at the volume path then is the copy, never completely adopted. With
+    /// nothing to put back, an EBS volume a host restart unmounted is mounted again.
+    /// Called under the instance's lock by every call that needs its volume.
     pub(super) async fn recover_interrupted_restore(&self, id: &InstanceId) -> Result<()> {
-        if self.ebs.is_some() {
-            self.remount_lost_volume(id).await;
-        }
         let previous = self.previous(id);
         if !self.holds_volume(&previous)? {
+            self.remount_lost_volume(id).await;
             return Ok(());
         }
         warn!(instance_id = %id, "Putting back the volume an interrupted snapshot restore set aside.");
